@@ -1,0 +1,59 @@
+"""hf_fastattn: almost-linear-time attention backends for HuggingFace Transformers.
+
+`import hf_fastattn` registers the `fastattn` attention implementation (and its compact mask function), so
+that `AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastattn")` runs attention through it.
+Options live in `model.config.fastattn_config`; set them with `hf_fastattn.configure(model, ...)`.
+"""
+
+from __future__ import annotations
+
+from .config import FastAttnConfig, get_config
+
+__version__ = "0.1.0"
+NAME = "fastattn"
+
+__all__ = ["FastAttnConfig", "configure", "get_config", "register", "NAME", "__version__"]
+
+
+def register(name: str = NAME) -> str:
+    """Register the attention function and the mask function under `name` (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    from .backend import fastattn_attention_forward, fastattn_mask
+
+    AttentionInterface.register(name, fastattn_attention_forward)
+    AttentionMaskInterface.register(name, fastattn_mask)
+    return name
+
+
+def _configs(model):
+    """The config objects whose attention modules read `fastattn_config` (text sub-configs included)."""
+    seen, out = set(), []
+    for module in [model, *model.modules()]:
+        cfg = getattr(module, "config", None)
+        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "to_dict"):
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def configure(model, options: dict | FastAttnConfig | None = None, *, replace: bool = False, **kwargs) -> FastAttnConfig:
+    """Set fastattn options on `model` and switch it to the `fastattn` attention implementation.
+
+    `configure(model, method="poly", degree=2, local_window=64)` updates the options already stored on the
+    model (`replace=True` starts from the defaults). The result is stored as a JSON dict in
+    `model.config.fastattn_config`, so it is saved with `save_pretrained`.
+    """
+    base = FastAttnConfig() if replace else get_config(model.config)
+    if isinstance(options, FastAttnConfig):
+        options = options.to_dict()
+    cfg = base.replace(**{**(options or {}), **kwargs})
+    stored = cfg.to_dict()
+    for c in _configs(model):
+        c.fastattn_config = stored
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)
+    return cfg
+
+
+register()

@@ -1,0 +1,184 @@
+"""The `fastattn` attention function and mask function registered with transformers.
+
+transformers calls `fastattn_attention_forward(module, query, key, value, attention_mask, ...)` from every
+attention layer with query [B, H, Nq, D] and key/value [B, Hkv, Nk, D] (already RoPE-rotated) and expects
+[B, Nq, H, D] back. The mask comes from `fastattn_mask`, which never materialises an N x N mask: it
+returns None (plain causal) or a 2D [B, L] bool validity mask over the first L key slots. L < Nk means the
+slots from L on are empty static-cache slots (the convention of transformers' FlashAttention path): they
+are sliced away and the queries are the last Nq of the L filled slots.
+Packed sequences (`cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
+so that no method lets state or attention cross a sequence boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import get_config
+from .ops.exact import exact_attention
+
+# method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx) -> [B, H, Nq, D]
+_METHODS: dict[str, Callable] = {}
+
+
+def register_method(name: str):
+    """Decorator: make an op available as `fastattn_config['method'] = name`."""
+
+    def wrap(fn):
+        _METHODS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_method("exact")
+def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx):
+    return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block)
+
+
+# ----------------------------------------------------------------------------------------------- mask
+def fastattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> torch.Tensor | None:
+    """Compact mask: None (no padding, queries are the last key slots) or a [B, L] bool validity mask.
+
+    `attention_mask` is the user's 2D mask over absolute positions; key slot j holds position
+    `kv_offset + j`. L = q_offset - kv_offset + q_length is the number of filled slots (< kv_length only
+    for a static cache, whose tail slots are empty).
+    """
+    filled = int(q_offset) - int(kv_offset) + q_length  # a StaticLayer gives q_offset as a 0-dim tensor
+    if not 0 < filled <= kv_length:
+        raise ValueError(
+            f"fastattn mask: inconsistent sizes (q_length={q_length}, kv_length={kv_length}, "
+            f"q_offset={int(q_offset)}, kv_offset={kv_offset})"
+        )
+    if attention_mask is None:
+        return None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+    valid = attention_mask[:, kv_offset : kv_offset + filled].to(device=device, dtype=torch.bool)
+    if valid.shape[1] < filled:  # positions the 2D mask does not cover count as padding (as in sdpa_mask)
+        valid = torch.nn.functional.pad(valid, (0, filled - valid.shape[1]), value=False)
+    if filled == kv_length and bool(valid.all()):
+        return None
+    return valid
+
+
+# ------------------------------------------------------------------------------------ packed sequences
+def _segment_ids(kwargs: dict, batch: int, n: int, device) -> torch.Tensor | None:
+    """[B, N] ids of the packed sequences each token belongs to, or None if nothing is packed."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and not torch.equal(cu.cpu(), cu_k.cpu()):
+            raise ValueError("fastattn: cu_seq_lens_q != cu_seq_lens_k is not supported (packed queries must be their own keys)")
+        if batch != 1 or int(cu[-1]) != n:
+            raise ValueError(f"fastattn: cu_seq_lens_q needs batch size 1 and cu[-1] == sequence length ({n}); got B={batch}, cu={cu.tolist()}")
+        lengths = cu.diff().to(device=device, dtype=torch.long)
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)[None]
+    pos = kwargs.get("position_ids")
+    if pos is None or n == 1:
+        return None
+    pos = pos.to(device).expand(batch, -1)
+    if pos.shape[1] != n:
+        return None
+    starts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
+    seg = starts.cumsum(-1) - 1
+    return seg if bool((seg[:, -1] > 0).any()) else None
+
+
+def _unpack_index(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From [B, N] segment ids: index [S, Lmax] into the flattened B*N tokens and its validity [S, Lmax]."""
+    b, n = seg.shape
+    flat_seg = (seg + torch.arange(b, device=seg.device)[:, None] * n).reshape(-1)  # unique ids across rows
+    _, counts = torch.unique_consecutive(flat_seg, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    lmax = int(counts.max())
+    offs = torch.arange(lmax, device=seg.device)
+    valid = offs[None, :] < counts[:, None]
+    index = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(valid, dtype=torch.long))
+    return index, valid
+
+
+def _unpack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [S, H, Lmax, D] along the packed-sequence index."""
+    b, h, n, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * n, h, d)
+    return flat[index].transpose(1, 2)
+
+
+def _repack(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """Inverse of `_unpack` for the valid slots: [S, H, Lmax, D] -> [B, H, N, D]."""
+    s, h, lmax, d = y.shape
+    flat = y.transpose(1, 2)[valid]  # [B*N, H, D] in token order (segments are contiguous and in order)
+    return flat.view(b, n, h, d).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------- backend
+def fastattn_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface. query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+    if dropout and dropout > 0:
+        raise ValueError(
+            f"fastattn does not implement attention dropout (got dropout={dropout}); "
+            "set config.attention_dropout = 0.0 or use attn_implementation='eager'"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "fastattn never forms the attention matrix, so output_attentions=True is not supported; "
+            "use attn_implementation='eager' to inspect attention weights"
+        )
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    if not getattr(module, "is_causal", True):
+        raise ValueError(
+            "fastattn supports causal (decoder) attention only; this layer has is_causal=False "
+            "(e.g. use_bidirectional_attention=True). Use attn_implementation='sdpa' for it."
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+            raise ValueError(
+                f"fastattn expects the compact mask of its own mask function (None or [B, N_kv] bool), got {shape}. "
+                "Custom 4D masks are not supported; pass a 2D padding mask instead."
+            )
+        filled = attention_mask.shape[1]
+        if filled > key.shape[2]:
+            raise ValueError(f"fastattn: mask covers {filled} key slots but only {key.shape[2]} keys were given")
+        key, value = key[:, :, :filled], value[:, :, :filled]  # empty static-cache slots
+
+    layer_idx = getattr(module, "layer_idx", None)
+    cfg = get_config(module.config).for_layer(layer_idx)
+    if cfg.method not in _METHODS:  # e.g. a method whose module failed to import
+        raise ValueError(f"fastattn_config['method']={cfg.method!r} is not available; registered: {sorted(_METHODS)}")
+    run = _METHODS[cfg.method]
+    opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, cfg=cfg, layer_idx=layer_idx)
+
+    b, _, nq, _ = query.shape
+    seg = None
+    if attention_mask is None and nq == key.shape[2]:
+        seg = _segment_ids(kwargs, b, nq, query.device)
+    if seg is None:
+        out = run(query, key, value, kv_valid=attention_mask, **opts)
+    else:
+        index, valid = _unpack_index(seg)
+        out = run(_unpack(query, index), _unpack(key, index), _unpack(value, index), kv_valid=valid, **opts)
+        out = _repack(out, index, valid, b, nq)
+    return out.transpose(1, 2).contiguous(), None

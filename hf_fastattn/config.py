@@ -1,0 +1,189 @@
+"""`FastAttnConfig`: the options of the `fastattn` backend.
+
+The options ride on the model config as a plain dict, `model.config.fastattn_config`, so that they
+round-trip through `save_pretrained` / `from_pretrained` (transformers keeps unknown config attributes).
+Every value is validated; a bad key or value raises `ValueError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("exact", "poly", "conv")
+GUARDS = ("warn", "exact", "error", "off")
+CONV_PLACEMENTS = ("search", "even", "geometric")
+POLY_FITS = ("taylor", "fit")
+BACKENDS = ("auto", "torch", "triton")
+
+# Options that may differ per layer (`layers={idx: {...}}`); `layers` and `plan` themselves are global.
+_GLOBAL_ONLY = ("layers", "plan")
+
+
+@dataclass(frozen=True)
+class FastAttnConfig:
+    """Options of the `fastattn` attention backend.
+
+    Args:
+        method: `"exact"` (chunked exact softmax, linear memory), `"poly"` (polynomial method),
+            `"conv"` (conv-basis / FFT).
+        guard: what `poly` does when its bounded-entry bound predicts a large error: `"warn"` (once per
+            layer), `"exact"` (run exact attention for that call), `"error"` (raise), `"off"`.
+        guard_tolerance: predicted relative error above which the guard acts.
+        degree: even degree g of the polynomial P ≈ exp (2, 4 or 6).
+        poly_coeffs: `"taylor"` (Taylor series of exp at 0) or `"fit"` (least-squares fit on
+            `[-fit_range, fit_range]`, kept positive).
+        fit_range: half-width of the logit range the `"fit"` polynomial is fitted on.
+        local_window: exact band W: keys with 0 <= i - j < W use exp exactly, the rest use P.
+        chunk_size: tokens per chunk of the chunked poly forward/backward.
+        feature_cap: largest allowed feature count r = sum_t C(d + t - 1, t) of the packed tensor powers.
+        kernel: `"auto"` (Triton on CUDA when available, torch otherwise), `"torch"`, `"triton"`.
+        conv_k: number of conv bases k.
+        conv_T, conv_delta, conv_eps: the recovery search parameters of the conv-basis paper (a window
+            of T diagonal entries, the threshold delta and the noise level eps).
+        conv_placement: `"search"` (the paper's binary search), `"even"` or `"geometric"` basis columns.
+        exact_block: query rows per block of the exact op (0: chosen from the sequence length).
+        layers: per-layer overrides, `{layer_idx: {option: value}}`.
+        plan: per-(layer, head) method plan written by `hf_fastattn.plan` (see diagnostics).
+    """
+
+    method: str = "exact"
+    guard: str = "warn"
+    guard_tolerance: float = 0.05
+    degree: int = 2
+    poly_coeffs: str = "taylor"
+    fit_range: float = 2.0
+    local_window: int = 0
+    chunk_size: int = 64
+    feature_cap: int = 65536
+    kernel: str = "auto"
+    conv_k: int = 16
+    conv_T: int = 8
+    conv_delta: float = 0.5
+    conv_eps: float = 1e-3
+    conv_placement: str = "even"
+    exact_block: int = 0
+    layers: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHODS)
+        _check_choice("guard", self.guard, GUARDS)
+        _check_choice("poly_coeffs", self.poly_coeffs, POLY_FITS)
+        _check_choice("kernel", self.kernel, BACKENDS)
+        _check_choice("conv_placement", self.conv_placement, CONV_PLACEMENTS)
+        _check_int("degree", self.degree, 2)
+        if self.degree % 2:
+            raise ValueError(
+                f"fastattn_config['degree'] must be even (2, 4, 6, ...): an odd Taylor polynomial of exp goes "
+                f"negative and the softmax normaliser can vanish; got {self.degree}"
+            )
+        _check_int("local_window", self.local_window, 0)
+        _check_int("chunk_size", self.chunk_size, 1)
+        _check_int("feature_cap", self.feature_cap, 1)
+        _check_int("conv_k", self.conv_k, 1)
+        _check_int("conv_T", self.conv_T, 1)
+        _check_int("exact_block", self.exact_block, 0)
+        _check_positive("guard_tolerance", self.guard_tolerance)
+        _check_positive("fit_range", self.fit_range)
+        _check_positive("conv_delta", self.conv_delta)
+        _check_positive("conv_eps", self.conv_eps, allow_zero=True)
+        if not isinstance(self.layers, dict):
+            raise ValueError(f"fastattn_config['layers'] must be a dict {{layer_idx: {{option: value}}}}, got {self.layers!r}")
+        for idx, override in self.layers.items():
+            _layer_key(idx)
+            if not isinstance(override, dict):
+                raise ValueError(f"fastattn_config['layers'][{idx!r}] must be a dict of options, got {override!r}")
+            bad = [k for k in override if k in _GLOBAL_ONLY]
+            if bad:
+                raise ValueError(f"fastattn_config['layers'][{idx!r}] may not set {bad}: they are global options")
+            dataclasses.replace(self, layers={}, plan={}, **_checked_keys(override, f"layers[{idx!r}]"))
+        if not isinstance(self.plan, dict):
+            raise ValueError(f"fastattn_config['plan'] must be a dict, got {type(self.plan).__name__}")
+
+    # ---------------------------------------------------------------- construction / serialisation
+    @classmethod
+    def from_dict(cls, options: dict | None) -> FastAttnConfig:
+        """Build from a (JSON) dict, rejecting unknown keys."""
+        if options is None:
+            return cls()
+        if isinstance(options, FastAttnConfig):
+            return options
+        if not isinstance(options, dict):
+            raise ValueError(f"fastattn_config must be a dict of options, got {type(options).__name__}")
+        return cls(**_checked_keys(options, ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the options that differ from the defaults (what goes into config.json)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                out[f.name] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        return json.loads(json.dumps(out))
+
+    def replace(self, **options) -> FastAttnConfig:
+        return dataclasses.replace(self, **_checked_keys(options, ""))
+
+    def for_layer(self, layer_idx: int | None) -> FastAttnConfig:
+        """The options that apply to one layer (global options with that layer's overrides)."""
+        if layer_idx is None or not self.layers:
+            return self
+        override = self.layers.get(layer_idx, self.layers.get(str(layer_idx)))
+        if not override:
+            return self
+        return dataclasses.replace(self, layers={}, **override)
+
+
+def _layer_key(idx) -> int:
+    try:
+        value = int(idx)
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0 or str(value) != str(idx).strip():
+        raise ValueError(f"fastattn_config['layers'] keys must be layer indices (non-negative integers), got {idx!r}")
+    return value
+
+
+def _checked_keys(options: dict, where: str) -> dict:
+    allowed = [f.name for f in dataclasses.fields(FastAttnConfig)]
+    for key in options:
+        if key not in allowed:
+            prefix = f"fastattn_config{'[' + where + ']' if where else ''}"
+            raise ValueError(f"{prefix}: unknown option {key!r}; allowed options are {', '.join(allowed)}")
+    return dict(options)
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"fastattn_config['{name}'] must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"fastattn_config['{name}'] must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"fastattn_config['{name}'] must be a finite number {'>=' if allow_zero else '>'} 0; got {value!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(key: str) -> FastAttnConfig:
+    return FastAttnConfig.from_dict(json.loads(key))
+
+
+def get_config(config) -> FastAttnConfig:
+    """The `FastAttnConfig` stored on a transformers config as `fastattn_config` (parsed once per value)."""
+    raw = getattr(config, "fastattn_config", None)
+    if isinstance(raw, FastAttnConfig):
+        return raw
+    return _parse(json.dumps(raw, sort_keys=True))

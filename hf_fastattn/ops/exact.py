@@ -1,0 +1,166 @@
+"""Exact softmax attention with memory linear in N.
+
+`exact_attention` processes query rows in blocks against only the key slots they can see (causal /
+sliding window), keeps the row log-sum-exp, and recomputes each block's probabilities in the backward
+(FlashAttention's recipe in plain torch), so neither direction ever holds an Nq x Nk matrix. It is the
+plumbing oracle of the backend and the fallback of the approximate methods.
+`naive_attention` is the dense quadratic reference of the same math, used by tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import acc_dtype, dense_mask, group_queries, key_range, repeat_kv, visible
+
+# Scores per block: B * H * rows * keys <= this many elements (~128 MiB in float32).
+_BLOCK_ELEMENTS = 1 << 25
+
+
+def naive_attention(q, k, v, scale, causal=True, window=None, softcap=None, kv_valid=None):
+    """Dense reference. q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] -> [B, H, Nq, D]. Fully masked rows give 0."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    mask = dense_mask(q.shape[2], k.shape[2], causal, window, kv_valid, q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def _block_rows(b: int, h: int, nk: int, block: int) -> int:
+    if block:
+        return block
+    rows = _BLOCK_ELEMENTS // max(1, b * h * nk)
+    return int(max(16, min(4096, rows)))
+
+
+def _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dtype):
+    """Masked scores of query rows [r0, r1) against key slots [lo, hi).
+
+    Returns (s [B, Hkv, G*C, K] with -inf where masked, tanh(raw/softcap) or None).
+    """
+    b, hkv, g, _, d = q5.shape
+    qb = q5[:, :, :, r0:r1].reshape(b, hkv, g * (r1 - r0), d).to(dtype)
+    s = (qb @ k[:, :, lo:hi].to(dtype).transpose(-1, -2)) * scale
+    t = None
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    dev = q5.device
+    mask = visible(torch.arange(r0, r1, device=dev), torch.arange(lo, hi, device=dev), q_start, causal, window)
+    if mask is not None:
+        mask = mask.repeat(g, 1)[None, None]  # rows are ordered (g, c)
+    if kv_valid is not None:
+        kv = kv_valid[:, None, None, lo:hi]
+        mask = kv if mask is None else mask & kv
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s, t
+
+
+def _exact_fwd(q, k, v, scale, causal, window, softcap, kv_valid, block):
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g, q_start = h // hkv, nk - nq
+    dt = acc_dtype(q.dtype)
+    q5 = group_queries(q, hkv)
+    out = torch.zeros(b, hkv, g, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hkv, g, nq), float("inf"), dtype=dt, device=q.device)
+    c = _block_rows(b, h, nk, block)
+    for r0 in range(0, nq, c):
+        r1 = min(nq, r0 + c)
+        lo, hi = key_range(r0, r1, q_start, nk, causal, window)
+        if hi <= lo:
+            continue
+        s, _ = _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dt)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        o = (p @ v[:, :, lo:hi].to(dt)) / den.clamp_min(torch.finfo(dt).tiny)
+        out[:, :, :, r0:r1] = o.view(b, hkv, g, r1 - r0, -1).to(q.dtype)
+        blk_lse = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("inf")))
+        lse[:, :, :, r0:r1] = blk_lse.view(b, hkv, g, r1 - r0)
+    return out.view(b, h, nq, -1), lse
+
+
+def _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, block):
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g, q_start = h // hkv, nk - nq
+    dt = acc_dtype(q.dtype)
+    q5, do5 = group_queries(q, hkv), group_queries(do, hkv)
+    delta = (do.to(dt) * out.to(dt)).sum(-1).view(b, hkv, g, nq)
+    dq = torch.zeros(b, hkv, g, nq, d, dtype=dt, device=q.device)
+    dk = torch.zeros(b, hkv, nk, d, dtype=dt, device=q.device)
+    dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=dt, device=q.device)
+    c = _block_rows(b, h, nk, block)
+    for r0 in range(0, nq, c):
+        r1 = min(nq, r0 + c)
+        lo, hi = key_range(r0, r1, q_start, nk, causal, window)
+        if hi <= lo:
+            continue
+        rows = g * (r1 - r0)
+        s, t = _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dt)
+        p = torch.exp(s - lse[:, :, :, r0:r1].reshape(b, hkv, rows, 1))
+        dob = do5[:, :, :, r0:r1].reshape(b, hkv, rows, -1).to(dt)
+        ds = p * (dob @ v[:, :, lo:hi].to(dt).transpose(-1, -2) - delta[:, :, :, r0:r1].reshape(b, hkv, rows, 1))
+        if t is not None:
+            ds = ds * (1 - t * t)  # d/ds of softcap * tanh(s / softcap)
+        ds = ds * scale
+        qb = q5[:, :, :, r0:r1].reshape(b, hkv, rows, d).to(dt)
+        dq[:, :, :, r0:r1] = (ds @ k[:, :, lo:hi].to(dt)).view(b, hkv, g, r1 - r0, d)
+        dk[:, :, lo:hi] += ds.transpose(-1, -2) @ qb  # sums the G query heads of each KV head
+        dv[:, :, lo:hi] += p.transpose(-1, -2) @ dob
+    return dq.view(b, h, nq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class ExactAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, window, softcap, kv_valid, block):
+        out, lse = _exact_fwd(q, k, v, scale, causal, window, softcap, kv_valid, block)
+        ctx.save_for_backward(q, k, v, out, lse, kv_valid)
+        ctx.args = (scale, causal, window, softcap, block)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, kv_valid = ctx.saved_tensors
+        scale, causal, window, softcap, block = ctx.args
+        dq, dk, dv = _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, block)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    kv_valid: torch.Tensor | None = None,
+    block: int = 0,
+) -> torch.Tensor:
+    """Exact softmax attention, O(N) memory forward and backward.
+
+    Args:
+        q: [B, H, Nq, D] queries (the last Nq key positions).
+        k, v: [B, Hkv, Nk, D] with H a multiple of Hkv (GQA is handled without repeating K/V).
+        scale: multiplier of q.k.
+        causal, window: causal mask and sliding window (keys with 0 <= i - j < window visible).
+        softcap: logits -> softcap * tanh(logits / softcap) before the softmax (Gemma2).
+        kv_valid: [B, Nk] bool, False for padded key slots.
+        block: query rows per block (0: automatic).
+
+    Returns:
+        [B, H, Nq, D]; rows that see no key are 0.
+    """
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries must be the last key positions")
+    if kv_valid is not None:
+        kv_valid = kv_valid.to(device=q.device, dtype=torch.bool)
+    return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block)

@@ -1,0 +1,69 @@
+"""Mask geometry shared by every op.
+
+Conventions (all ops): queries are the last Nq key slots (bottom-right alignment), so query row i sits at
+key slot `q_start + i` with `q_start = Nk - Nq`. A key slot j is visible from row i when
+`j <= q_start + i` (causal), `q_start + i - j < window` (sliding window, the query itself included) and
+`kv_valid[b, j]` (padding). Packed sequences never reach an op: the backend unpacks them first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visible(
+    rows: torch.Tensor, cols: torch.Tensor, q_start: int, causal: bool = True, window: int | None = None
+) -> torch.Tensor | None:
+    """Bool [len(rows), len(cols)]: which key slots `cols` the query rows `rows` may see (None: all)."""
+    if not causal and window is None:
+        return None
+    dist = (rows[:, None] + q_start) - cols[None, :]  # i - j in slot units
+    mask = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
+    if window is not None:
+        mask = mask & (dist < window)
+    return mask
+
+
+def key_range(r0: int, r1: int, q_start: int, nk: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """Half-open range of key slots that query rows [r0, r1) can see at all."""
+    hi = min(nk, q_start + r1) if causal else nk
+    lo = max(0, q_start + r0 - window + 1) if window is not None else 0
+    return lo, max(lo, hi)
+
+
+def dense_mask(
+    nq: int,
+    nk: int,
+    causal: bool = True,
+    window: int | None = None,
+    kv_valid: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Bool [B or 1, 1, Nq, Nk] mask for the quadratic references (never used by the fast ops)."""
+    rows = torch.arange(nq, device=device)
+    cols = torch.arange(nk, device=device)
+    mask = visible(rows, cols, nk - nq, causal, window)
+    if mask is None:
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    mask = mask[None, None]
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, None, :].bool()
+    return mask
+
+
+def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, Hkv, G, N, D] (a view): the G query heads that share one KV head (GQA)."""
+    b, h, n, d = q.shape
+    if h % num_kv_heads:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({num_kv_heads})")
+    return q.view(b, num_kv_heads, h // num_kv_heads, n, d)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, N, D] -> [B, Hkv * groups, N, D]; only the quadratic references use it."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (gradcheck), everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

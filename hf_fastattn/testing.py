@@ -1,0 +1,70 @@
+"""Tiny configs of every supported model family (no weights needed) and model-comparison helpers.
+
+Used by the test suite, the demo and the model cards. Each config has 2 layers, GQA where the family has
+it and, where the family has one, a sliding layer with a window shorter than the test sequences (8).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3")
+WINDOW = 8
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer config of `family` (hidden 64, 4 query heads, 2 KV heads where the family has GQA)."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # peaked enough that a wrong mask moves the logits by O(1)
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    sliding_pair = ["sliding_attention", "full_attention"]
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(**common)
+    elif family == "gemma2":
+        # softcap 1.0 is below the attention logits of this init: the cap is active
+        cfg = tf.Gemma2Config(**common, sliding_window=WINDOW, layer_types=sliding_pair,
+                              attn_logit_softcapping=1.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(**common, sliding_window=WINDOW, layer_types=sliding_pair, query_pre_attn_scalar=16)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=WINDOW)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=sliding_pair)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=sliding_pair)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def model_pair(config, attn: str = "fastattn", reference: str = "eager", seed: int = 0, dtype=torch.float32):
+    """Two models with identical weights: (reference, under test). Each gets its own config copy, since
+    `from_config(..., attn_implementation=...)` mutates the config it is given."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference, dtype=dtype)
+    new = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn, dtype=dtype)
+    new.load_state_dict(ref.state_dict())
+    return ref.eval(), new.eval()

@@ -1,0 +1,246 @@
+"""The plumbing, tested exactly: `fastattn` with method="exact" equals transformers' eager attention on every
+supported family (tiny configs, no weights): padding, packing, decode, chunked prefill, static cache,
+sliding windows, softcap, GQA, gradients and gradient checkpointing."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache
+
+import hf_fastattn
+from hf_fastattn.testing import FAMILIES, WINDOW, model_pair, tiny_config
+
+ATOL = 1e-5
+N = 3 * WINDOW + 7  # longer than the sliding window, not a multiple of anything
+
+
+def _tokens(b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (b, n), generator=g)
+
+
+def _grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _loss_and_grads(model, weights, valid, **inputs):
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs).logits
+    (logits * weights)[valid].mean().backward()  # a mean keeps gradients O(1e-2): 1e-5 is then meaningful
+    return logits.detach(), _grads(model)
+
+
+def _assert_same(ref_out, new_out, valid=None):
+    (la, ga), (lb, gb) = ref_out, new_out
+    if valid is not None:
+        la, lb = la[valid], lb[valid]
+    assert (la - lb).abs().max().item() < ATOL
+    assert ga.keys() == gb.keys()
+    worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
+    assert worst < ATOL, worst
+    assert max(g.abs().max().item() for g in ga.values()) > 100 * ATOL  # the comparison is not vacuous
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    return model_pair(tiny_config(request.param))
+
+
+def test_registered():
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    assert "fastattn" in AttentionInterface._global_mapping
+    assert "fastattn" in AttentionMaskInterface._global_mapping
+    assert hf_fastattn.register() == "fastattn"  # idempotent
+
+
+def test_no_padding(pair):
+    ref, new = pair
+    x = _tokens(2, N, 0)
+    w = torch.randn(2, N, 97, generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(2, N, dtype=torch.bool)
+    _assert_same(_loss_and_grads(ref, w, valid, input_ids=x), _loss_and_grads(new, w, valid, input_ids=x))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding(pair, side):
+    ref, new = pair
+    x = _tokens(3, N, 2)
+    mask = torch.ones(3, N, dtype=torch.long)
+    if side == "left":
+        mask[0, :5], mask[2, :11] = 0, 0
+    else:
+        mask[0, -5:], mask[2, -11:] = 0, 0
+    w = torch.randn(3, N, 97, generator=torch.Generator().manual_seed(3))
+    valid = mask.bool()  # padded rows are undefined in every backend
+    _assert_same(
+        _loss_and_grads(ref, w, valid, input_ids=x, attention_mask=mask),
+        _loss_and_grads(new, w, valid, input_ids=x, attention_mask=mask),
+        valid,
+    )
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_sequences(pair, flash_kwargs):
+    ref, new = pair
+    lengths = [9, 2 * WINDOW + 3, 5, 1]
+    seqs = [_tokens(1, n, 10 + i)[0].tolist() for i, n in enumerate(lengths)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
+    batch.pop("labels")
+    n = batch["input_ids"].shape[1]
+    w = torch.randn(1, n, 97, generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(1, n, dtype=torch.bool)
+    # eager packs via position_ids, and only without a cache (with one it silently attends across sequences)
+    ref_batch = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")} | {"use_cache": False}
+    packed_new = _loss_and_grads(new, w, valid, **batch)
+    _assert_same(_loss_and_grads(ref, w, valid, **ref_batch), packed_new)
+    # and each sequence on its own gives the same logits: nothing leaks across boundaries
+    start = 0
+    for s in seqs:
+        alone = new(input_ids=torch.tensor([s])).logits[0]
+        assert (alone - packed_new[0][0, start : start + len(s)]).abs().max().item() < ATOL
+        start += len(s)
+
+
+def test_generate_dynamic_cache_left_padding(pair):
+    ref, new = pair
+    x = _tokens(2, 2 * WINDOW + 1, 5)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(x, **kw), new.generate(x, **kw))
+
+
+def test_generate_static_cache(pair):
+    ref, new = pair
+    x = _tokens(2, WINDOW + 3, 6)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    out_ref = ref.generate(x, **kw)
+    assert torch.equal(out_ref, new.generate(x, cache_implementation="static", **kw))
+
+
+def test_chunked_prefill_bottom_right(pair):
+    """Several queries against a longer cache (Nq < Nkv), including sliding layers whose cache was trimmed."""
+    ref, new = pair
+    x = _tokens(2, N + 9, 7)
+    outs = []
+    for model in (ref, new):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=x[:, :N], cache=cache, use_cache=True)
+            outs.append(model(input_ids=x[:, N:], cache=cache, use_cache=True).logits)
+    assert (outs[0] - outs[1]).abs().max().item() < ATOL
+
+
+def test_gradient_checkpointing(pair):
+    ref, new = pair
+    new = copy.deepcopy(new)
+    new.gradient_checkpointing_enable()
+    new.train()
+    x = _tokens(2, N, 8)
+    w = torch.randn(2, N, 97, generator=torch.Generator().manual_seed(9))
+    valid = torch.ones(2, N, dtype=torch.bool)
+    _assert_same(_loss_and_grads(ref, w, valid, input_ids=x), _loss_and_grads(new, w, valid, input_ids=x))
+
+
+def test_masks_stay_compact(monkeypatch):
+    """The backend only ever sees None or a 2D mask, with padding and with a static cache."""
+    from hf_fastattn import backend
+
+    seen = []
+    real = backend.fastattn_attention_forward
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        seen.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return real(module, q, k, v, attention_mask, **kw)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastattn", spy)
+    _, model = model_pair(tiny_config("gemma2"))
+    x = _tokens(2, N, 11)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    model(input_ids=x, attention_mask=mask)
+    model.generate(x, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
+    assert seen and all(s is None or len(s) == 2 for s in seen)
+
+
+def test_bidirectional_layer_raises():
+    _, model = model_pair(tiny_config("gemma", use_bidirectional_attention=True))
+    with pytest.raises(ValueError, match="causal \\(decoder\\) attention only"):
+        model(input_ids=_tokens(1, 5, 0))
+
+
+# ------------------------------------------------------------------------------- configuration
+def test_save_load_roundtrip(tmp_path):
+    _, model = model_pair(tiny_config("llama"))
+    cfg = hf_fastattn.configure(model, method="exact", exact_block=16, layers={1: {"exact_block": 32}})
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn")
+    got = hf_fastattn.get_config(loaded.config)
+    assert got == hf_fastattn.FastAttnConfig.from_dict(cfg.to_dict())
+    assert got.for_layer(1).exact_block == 32 and got.for_layer(0).exact_block == 16
+    x = _tokens(1, N, 13)
+    assert torch.allclose(model(input_ids=x).logits, loaded(input_ids=x).logits, atol=ATOL)
+
+
+def test_configure_switches_implementation():
+    ref, _ = model_pair(tiny_config("qwen3"))
+    model = copy.deepcopy(ref)
+    hf_fastattn.configure(model, exact_block=16)
+    assert model.config._attn_implementation == "fastattn"
+    x = _tokens(1, N, 14)
+    assert (model(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "fast"}, "fastattn_config['method'] must be one of 'exact', 'poly', 'conv'; got 'fast'"),
+        ({"guard": "maybe"}, "fastattn_config['guard'] must be one of 'warn', 'exact', 'error', 'off'"),
+        ({"degree": 3}, "fastattn_config['degree'] must be even"),
+        ({"degree": 0}, "fastattn_config['degree'] must be an integer >= 2"),
+        ({"local_window": -1}, "fastattn_config['local_window'] must be an integer >= 0"),
+        ({"chunk_size": 1.5}, "fastattn_config['chunk_size'] must be an integer >= 1"),
+        ({"guard_tolerance": float("nan")}, "fastattn_config['guard_tolerance'] must be a finite number > 0"),
+        ({"conv_placement": "random"}, "fastattn_config['conv_placement'] must be one of 'search', 'even', 'geometric'"),
+        ({"windw": 3}, "unknown option 'windw'; allowed options are method, guard"),
+        ({"layers": {"x": {}}}, "fastattn_config['layers'] keys must be layer indices"),
+        ({"layers": {0: {"method": "nope"}}}, "fastattn_config['method'] must be one of"),
+        ({"layers": {0: {"plan": {}}}}, "may not set ['plan']"),
+        ({"layers": {0: {"bogus": 1}}}, "fastattn_config[layers[0]]: unknown option 'bogus'"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(ValueError) as err:
+        hf_fastattn.FastAttnConfig.from_dict(options)
+    assert message in str(err.value)
+
+
+def test_bad_option_on_model_raises_at_forward():
+    _, model = model_pair(tiny_config("llama"))
+    model.config.fastattn_config = {"method": "exakt"}
+    with pytest.raises(ValueError, match="fastattn_config\\['method'\\] must be one of"):
+        model(input_ids=_tokens(1, 5, 0))
+
+
+def test_dropout_and_output_attentions_raise():
+    _, model = model_pair(tiny_config("llama", attention_dropout=0.1))
+    model.train()
+    with pytest.raises(ValueError, match="does not implement attention dropout"):
+        model(input_ids=_tokens(1, 5, 0))
+    model.eval()
+    model(input_ids=_tokens(1, 5, 0))  # dropout is only active in training
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(input_ids=_tokens(1, 5, 0), output_attentions=True)
+
+
+def test_custom_4d_mask_raises():
+    _, model = model_pair(tiny_config("llama"))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="Custom 4D masks are not supported"):
+        model(input_ids=_tokens(1, 5, 0), attention_mask=mask)

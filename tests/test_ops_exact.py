@@ -1,0 +1,107 @@
+"""ops.exact: the chunked O(N)-memory exact attention against the dense reference (float64) and gradcheck."""
+
+import pytest
+import torch
+
+from hf_fastattn.ops.exact import exact_attention, naive_attention
+
+CASES = [
+    pytest.param(1, 2, 2, 63, 63, 16, None, None, False, id="B1-H2-T63-D16"),
+    pytest.param(2, 4, 2, 100, 100, 60, None, None, True, id="B2-H4-Hkv2-T100-D60-pad"),
+    pytest.param(2, 6, 2, 37, 129, 32, None, None, True, id="B2-H6-Hkv2-Tq37-Tk129-pad"),
+    pytest.param(1, 4, 1, 1, 77, 32, None, None, False, id="decode-MQA"),
+    pytest.param(2, 4, 2, 90, 90, 16, 9, None, True, id="window9-pad"),
+    pytest.param(1, 2, 2, 20, 70, 16, 13, None, False, id="window13-Tq20-Tk70"),
+    pytest.param(2, 4, 4, 50, 50, 24, None, 2.0, True, id="softcap2-pad"),
+    pytest.param(1, 4, 2, 33, 65, 16, 7, 1.5, True, id="all-at-once"),
+]
+
+
+def _inputs(b, h, hkv, nq, nk, d, pad, dtype=torch.float64, logit_std=1.0):
+    q = torch.randn(b, h, nq, d, dtype=dtype) * logit_std ** 0.5
+    k = torch.randn(b, hkv, nk, d, dtype=dtype) * logit_std ** 0.5
+    v = torch.randn(b, hkv, nk, d, dtype=dtype)
+    valid = None
+    if pad:
+        valid = torch.ones(b, nk, dtype=torch.bool)
+        valid[0, : nk // 5] = False  # left padding
+        valid[-1, -3:] = False  # right padding
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, window, softcap, pad", CASES)
+@pytest.mark.parametrize("block", [0, 16])
+def test_exact_matches_naive(b, h, hkv, nq, nk, d, window, softcap, pad, block):
+    q, k, v, valid = _inputs(b, h, hkv, nq, nk, d, pad)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = d**-0.5
+    ref = naive_attention(q, k, v, scale, True, window, softcap, valid)
+    out = exact_attention(q, k, v, scale, True, window, softcap, valid, block=block)
+    assert (out - ref).abs().max().item() < 1e-12
+    do = torch.randn_like(out)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do)
+    g_out = torch.autograd.grad(out, (q, k, v), do)
+    for a, b_ in zip(g_ref, g_out):
+        assert (a - b_).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("window, softcap, pad", [(None, None, False), (5, None, True), (None, 1.0, True)])
+def test_exact_gradcheck(window, softcap, pad):
+    q, k, v, valid = _inputs(2, 4, 2, 9, 13, 6, pad)
+    fn = lambda q, k, v: exact_attention(q, k, v, 0.4, True, window, softcap, valid, block=4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()))
+
+
+def test_exact_large_logits_finite():
+    """Logits in the hundreds (trained models): the row max shift keeps exp in range."""
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 32, False, torch.float32, logit_std=400.0)
+    out = exact_attention(q.requires_grad_(), k, v, 1.0)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    ref = naive_attention(q.double(), k.double(), v.double(), 1.0)
+    assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+def test_exact_bf16_close_to_fp32():
+    """bf16 inputs accumulate in fp32: error no worse than 2x torch's own bf16 error (flash-attention's rule)."""
+    q, k, v, _ = _inputs(1, 4, 2, 128, 128, 32, False, torch.float32)
+    ref = naive_attention(q, k, v, 32**-0.5)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    ours = exact_attention(*bf, 32**-0.5).float()
+    torch_bf16 = naive_attention(*bf, 32**-0.5).float()
+    assert (ours - ref).abs().max() <= 2 * (torch_bf16 - ref).abs().max()
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 4, False)
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    valid[0, :3] = False
+    q.requires_grad_()
+    out = exact_attention(q, k, v, 0.5, kv_valid=valid)
+    assert torch.isfinite(out).all() and (out[:, :, :3] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_exact_never_builds_nq_by_nk(monkeypatch):
+    """Memory is linear in N: with a 64-row block no intermediate has Nq*Nk elements."""
+    biggest = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real(a, b)
+        biggest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    n = 1024
+    q, k, v, _ = _inputs(1, 1, 1, n, n, 8, False, torch.float32)
+    out = exact_attention(q.requires_grad_(), k, v, 0.3, block=64)
+    out.sum().backward()
+    assert max(biggest) <= 64 * n
+
+
+def test_more_queries_than_keys_raises():
+    q, k, v, _ = _inputs(1, 2, 2, 9, 8, 4, False)
+    with pytest.raises(ValueError, match="more queries"):
+        exact_attention(q, k, v, 1.0)
