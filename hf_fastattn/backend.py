@@ -12,12 +12,16 @@ so that no method lets state or attention cross a sequence boundary.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Callable
 
 import torch
 
 from .config import get_config
 from .ops.exact import exact_attention
+
+logger = logging.getLogger("hf_fastattn")
 
 # method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx) -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}
@@ -36,6 +40,65 @@ def register_method(name: str):
 @register_method("exact")
 def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx):
     return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block)
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _guard_allows(method: str, stats, cfg, layer_idx) -> bool:
+    """Apply `cfg.guard` to the predicted error; False means: run exact attention for this call."""
+    bad = [h for h, e in enumerate(stats.predicted) if e > cfg.guard_tolerance]
+    if not bad:
+        return True
+    message = (
+        f"fastattn {method} (layer {layer_idx}): predicted relative output error {stats.worst:.1%} exceeds "
+        f"guard_tolerance {cfg.guard_tolerance:.1%} on {len(bad)}/{len(stats.predicted)} heads "
+        f"[{stats.describe(bad[:4])}{', ...' if len(bad) > 4 else ''}]. The polynomial method needs small logits "
+        "(|s q.k| = o(sqrt(log n))): use a local_window, a higher degree, method='exact', or fine-tune through it."
+    )
+    if cfg.guard == "error":
+        raise ValueError(message + " (guard='error')")
+    if cfg.guard == "exact":
+        _warn_once(("exact", layer_idx, method), message + " Running exact attention instead (guard='exact').")
+        return False
+    _warn_once(("warn", layer_idx, method), message + " (guard='warn': shown once per layer)")
+    return True
+
+
+def _finite_or_exact(out, method, layer_idx, fallback):
+    """NaN/Inf never leave an approximate op: warn and recompute exactly."""
+    if torch.isfinite(out).all():
+        return out
+    _warn_once(("nonfinite", layer_idx, method), f"fastattn {method} (layer {layer_idx}) produced non-finite values; "
+               "falling back to exact attention for such calls")
+    return fallback()
+
+
+@register_method("poly")
+def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx):
+    from .ops.poly import guard_stats, poly_attention, poly_coefficients
+
+    def exact():
+        return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
+                          cfg=cfg, layer_idx=layer_idx)
+
+    # Sliding layers are already linear in N, and a band covering every key is exact attention.
+    if window is not None or cfg.local_window >= k.shape[2]:
+        return exact()
+    coeffs = poly_coefficients(cfg.degree, cfg.poly_coeffs, cfg.fit_range)
+    if cfg.guard != "off" and not _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid), cfg, layer_idx):
+        return exact()
+    out = poly_attention(
+        q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
+        chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
+    )
+    return _finite_or_exact(out, "poly", layer_idx, exact)
 
 
 # ----------------------------------------------------------------------------------------------- mask

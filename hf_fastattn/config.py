@@ -58,7 +58,7 @@ class FastAttnConfig:
     poly_coeffs: str = "taylor"
     fit_range: float = 2.0
     local_window: int = 0
-    chunk_size: int = 64
+    chunk_size: int = 128
     feature_cap: int = 65536
     kernel: str = "auto"
     conv_k: int = 16

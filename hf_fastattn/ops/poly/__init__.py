@@ -1,0 +1,71 @@
+"""Polynomial-method attention (Alman & Song; the RoPE-attention and multi-layer-gradient papers)."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk import poly_chunk_attention, poly_direct_attention
+from .features import FeatureMap, check_feature_count, poly_coefficients
+from .guard import GuardStats, guard_stats
+from .naive import naive_poly_attention
+
+__all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
+
+
+def _triton_available() -> bool:
+    try:
+        from . import triton as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def poly_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    degree: int = 2,
+    coeffs: str = "taylor",
+    fit_range: float = 2.0,
+    band: int = 0,
+    chunk: int = 128,
+    softcap: float | None = None,
+    kv_valid: torch.Tensor | None = None,
+    feature_cap: int = 65536,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Causal polynomial attention: exp(x) -> P(x) beyond an exact band of `band` keys.
+
+    Args:
+        q: [B, H, Nq, D], the last Nq key positions; k, v: [B, Hkv, Nk, D] (H a multiple of Hkv).
+        scale: logits are x = scale * q.k.
+        degree, coeffs, fit_range: the even-degree polynomial (see `poly_coefficients`).
+        band: keys with 0 <= i - j < band get exp (softcapped if `softcap`), the rest P(x).
+        chunk: tokens per chunk of the linear-time form.
+        kv_valid: [B, Nk] bool, False on padded key slots.
+        feature_cap: the largest allowed feature count per head.
+        kernel: "auto" (Triton on CUDA tensors when available), "torch", "triton".
+
+    Returns:
+        [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
+    """
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, H, Nq, D], k and v [B, Hkv, Nk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries must be the last key positions")
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton'; got {kernel!r}")
+    c = poly_coefficients(degree, coeffs, fit_range)
+    check_feature_count(q.shape[-1], degree, feature_cap)
+    if q.shape[2] <= chunk:
+        return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid)
+    use_triton = kernel == "triton" or (kernel == "auto" and q.is_cuda and _triton_available())
+    if use_triton:
+        from .triton import poly_triton_attention
+
+        return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+    return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)

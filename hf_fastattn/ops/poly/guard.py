@@ -1,0 +1,78 @@
+"""The bounded-entry guard: cheap per-head statistics that predict the polynomial method's error.
+
+The papers' guarantee needs |s q.k| = o(sqrt(log n)). Two O(N d^2) statistics per head:
+  * bound: B = s max_i |q_i| max_j |k_j| >= every |x_ij|; worst-case weight error e(B) = max_{|x|<=B} |P e^{-x} - 1|.
+  * sigma: the rms logit, s sqrt(tr(M_q M_k)) with the second-moment matrices M = X^T X / n (so
+    E[(q.k)^2] over random pairs); the predicted relative output error is the Gaussian-logit model of
+    `features.gaussian_output_error` (exact band ignored: the prediction is conservative).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .features import gaussian_output_error, weight_error
+
+_SIGMAS = np.geomspace(1e-3, 1e3, 241)
+
+
+@functools.lru_cache(maxsize=32)
+def _error_table(coeffs: tuple) -> np.ndarray:
+    return np.array([gaussian_output_error(coeffs, float(s)) for s in _SIGMAS])
+
+
+def predicted_error(coeffs: tuple, sigma: float) -> float:
+    """Interpolated `gaussian_output_error` (a table per polynomial, log-spaced in sigma)."""
+    if not math.isfinite(sigma):
+        return math.inf
+    table = _error_table(tuple(coeffs))
+    return float(np.interp(math.log(max(sigma, 1e-3)), np.log(_SIGMAS), table, right=table[-1]))
+
+
+@dataclass
+class GuardStats:
+    """Per query head (max over the batch)."""
+
+    bound: list[float]  # B = s max|q| max|k|
+    sigma: list[float]  # rms logit
+    predicted: list[float]  # predicted relative output error at sigma
+    worst_weight_error: list[float]  # e(B)
+
+    @property
+    def worst(self) -> float:
+        return max(self.predicted)
+
+    def describe(self, heads: list[int]) -> str:
+        return ", ".join(
+            f"h{h}: |x|<={self.bound[h]:.3g}, rms {self.sigma[h]:.3g}, predicted error {self.predicted[h]:.1%}"
+            for h in heads
+        )
+
+
+@torch.no_grad()
+def guard_stats(q, k, scale, coeffs, kv_valid=None) -> GuardStats:
+    """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qf, kf = q.float(), k.float()
+    if kv_valid is not None:
+        kf = kf * kv_valid[:, None, :, None]
+    nk = kv_valid.sum(-1).clamp_min(1).float()[:, None] if kv_valid is not None else torch.full((b, 1), k.shape[2], dtype=torch.float32, device=k.device)
+    qmax = qf.norm(dim=-1).amax(-1)  # [B, H]
+    kmax = kf.norm(dim=-1).amax(-1).repeat_interleave(h // hkv, dim=1)  # [B, H]
+    mq = qf.transpose(-1, -2) @ qf / q.shape[2]  # [B, H, D, D]
+    mk = (kf.transpose(-1, -2) @ kf / nk[..., None, None]).repeat_interleave(h // hkv, dim=1)
+    sigma = scale * (mq * mk).sum((-1, -2)).clamp_min(0).sqrt()  # tr(Mq Mk), both symmetric
+    bound = (scale * qmax * kmax).amax(0).tolist()
+    sigma = sigma.amax(0).tolist()
+    return GuardStats(
+        bound=bound,
+        sigma=sigma,
+        predicted=[predicted_error(coeffs, s) for s in sigma],
+        worst_weight_error=[weight_error(coeffs, bb) if bb < 1e4 else math.inf for bb in bound],
+    )
