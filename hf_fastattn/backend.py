@@ -23,7 +23,7 @@ from .ops.exact import exact_attention
 
 logger = logging.getLogger("hf_fastattn")
 
-# method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx) -> [B, H, Nq, D]
+# method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module) -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}
 
 
@@ -38,7 +38,7 @@ def register_method(name: str):
 
 
 @register_method("exact")
-def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx):
+def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
     return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block)
 
 
@@ -81,7 +81,7 @@ def _finite_or_exact(out, method, layer_idx, fallback):
 
 
 @register_method("poly")
-def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx):
+def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
     from .ops.poly import guard_stats, poly_attention, poly_coefficients
 
     def exact():
@@ -99,6 +99,47 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
     )
     return _finite_or_exact(out, "poly", layer_idx, exact)
+
+
+_CONV_STATE = "_fastattn_conv_state"
+
+
+@register_method("conv")
+def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
+    """Prefill/training: recover the basis and apply it by FFT; in inference the basis is kept on the module
+    so that later rows (decode, chunked prefill) extend the same approximation instead of recomputing it."""
+    from .ops.conv import conv_attention, conv_decode, state_matches
+
+    def exact():
+        return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
+                          cfg=cfg, layer_idx=layer_idx)
+
+    if window is not None:  # sliding layers are already linear in N
+        return exact()
+    nq = q.shape[2]
+    if nq < k.shape[2]:
+        state = getattr(module, _CONV_STATE, None)
+        if not state_matches(state, k, kv_valid, nq):
+            _warn_once(("conv-nostate", layer_idx), f"fastattn conv (layer {layer_idx}): no conv basis from a prefill of "
+                       "this sequence (the cache was filled elsewhere, or beams were reordered); these rows are "
+                       "computed exactly")
+            return exact()
+        out, state = conv_decode(q, k, v, scale, state, softcap, kv_valid)
+    else:
+        out, state = conv_attention(q, k, v, scale, k_bases=cfg.conv_k, placement=cfg.conv_placement, T=cfg.conv_T,
+                                    delta=cfg.conv_delta, eps=cfg.conv_eps, softcap=softcap, kv_valid=kv_valid,
+                                    return_state=True)
+        rows = q.shape[0] * q.shape[1] * nq
+        if state.direct_rows > 0.1 * rows:
+            _warn_once(("conv-direct", layer_idx), f"fastattn conv (layer {layer_idx}): {state.direct_rows}/{rows} rows "
+                       "were below the FFT's error floor (logit range too wide for the exp domain) and were computed "
+                       "directly, which costs O(N D) each; diagnose this layer and prefer poly/exact for it")
+    if module is not None:
+        if torch.is_grad_enabled():
+            module.__dict__.pop(_CONV_STATE, None)  # training: nothing to extend, keep no references
+        else:
+            module.__dict__[_CONV_STATE] = state
+    return _finite_or_exact(out, "conv", layer_idx, exact)
 
 
 # ----------------------------------------------------------------------------------------------- mask
@@ -152,8 +193,8 @@ def _segment_ids(kwargs: dict, batch: int, n: int, device) -> torch.Tensor | Non
     pos = pos.to(device).expand(batch, -1)
     if pos.shape[1] != n:
         return None
-    starts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
-    seg = starts.cumsum(-1) - 1
+    restarts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
+    seg = restarts.cumsum(-1)  # 0 for the first sequence of every row
     return seg if bool((seg[:, -1] > 0).any()) else None
 
 
@@ -232,7 +273,8 @@ def fastattn_attention_forward(
     if cfg.method not in _METHODS:  # e.g. a method whose module failed to import
         raise ValueError(f"fastattn_config['method']={cfg.method!r} is not available; registered: {sorted(_METHODS)}")
     run = _METHODS[cfg.method]
-    opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, cfg=cfg, layer_idx=layer_idx)
+    opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, cfg=cfg, layer_idx=layer_idx,
+                module=module)
 
     b, _, nq, _ = query.shape
     seg = None

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--length", type=int, default=256, help="sequence length of the demo batch")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="time and memory of the attention ops vs torch SDPA (JSON + PNG)")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.main)
     return parser
 
 

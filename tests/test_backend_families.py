@@ -82,9 +82,9 @@ def test_padding(pair, side):
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
-def test_packed_sequences(pair, flash_kwargs):
+@pytest.mark.parametrize("lengths", [[9, 2 * WINDOW + 3, 5, 1], [13, 2 * WINDOW]], ids=["4seq", "2seq"])
+def test_packed_sequences(pair, flash_kwargs, lengths):
     ref, new = pair
-    lengths = [9, 2 * WINDOW + 3, 5, 1]
     seqs = [_tokens(1, n, 10 + i)[0].tolist() for i, n in enumerate(lengths)]
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
     batch.pop("labels")

@@ -1,0 +1,166 @@
+"""Conv-basis attention ("Conv Basis: A New Paradigm for Efficient Attention Inference and Gradient
+Computation in Transformers"): k-Toeplitz recovery of the score matrix + FFT application.
+
+`conv_attention` handles a full (prefill / training) sequence: padded key slots are compacted away (valid
+keys first, in order) so that the Toeplitz structure runs over real tokens, the basis is recovered, applied
+by FFT, and the rows are scattered back. With `return_state=True` it also returns a `ConvState` — the basis
+columns and cumulative bases — from which `conv_decode` computes the *same* approximation for later rows
+(decode, Nq = 1, or chunked prefill): a new row i needs B_u[i - s_u] = s q_i . k_{s_u}, i.e. only the current
+query and the cached basis keys, plus the stored entries for the past rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .basis import DenseColumns, ScoreColumns, placed_starts, recover, search_starts
+from .fft import conv_fft_apply, direct_rows
+from .naive import conv_matrix, conv_sum, dense_scores, naive_conv_attention
+
+__all__ = [
+    "conv_attention", "conv_decode", "ConvState", "recover", "ScoreColumns", "DenseColumns", "placed_starts",
+    "search_starts", "state_matches", "conv_fft_apply", "naive_conv_attention", "conv_matrix", "conv_sum", "dense_scores",
+]
+
+
+@dataclass
+class ConvState:
+    """What decoding needs to extend a prefill's conv basis (compacted coordinates, no autograd graph)."""
+
+    starts: torch.Tensor  # [B, Hs, k]
+    cum: torch.Tensor  # [B, H, k, capacity]
+    lengths: torch.Tensor  # [B] valid tokens seen so far
+    basis_keys: torch.Tensor  # [B, Hkv, H/Hkv * k, D]: the keys at the basis columns (a consistency check)
+    fingerprint: torch.Tensor  # [B, Hkv, D]: a position-weighted sum of all keys seen (consistency check)
+    direct_rows: int = 0  # rows the FFT could not resolve, computed directly (numerics report)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, H, Nq, D], k and v [B, Hkv, Nk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def _compaction(kv_valid, b, n, device):
+    """(perm [B, N] valid slots first in order, lengths [B]) or (None, lengths) without padding."""
+    if kv_valid is None:
+        return None, torch.full((b,), n, dtype=torch.long, device=device)
+    valid = kv_valid.to(device=device, dtype=torch.bool)
+    perm = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    return perm, valid.sum(-1)
+
+
+def _gather_seq(x, perm):
+    return x if perm is None else x.gather(2, perm[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1]))
+
+
+def _fingerprint(k, lengths):
+    """sum_j w_j k_j over the valid compacted keys, w_j a fixed pseudo-random weight per index."""
+    j = torch.arange(k.shape[2], device=k.device, dtype=torch.float64)
+    w = torch.sin(j * 0.6180339887 + 0.1) * (j[None, :] < lengths[:, None])  # [B, N]
+    return torch.einsum("bn,bhnd->bhd", w, k.double())
+
+
+def _softcap(cum, softcap):
+    return cum if softcap is None else softcap * torch.tanh(cum / softcap)
+
+
+def _basis_keys(k, starts, heads):
+    b, hkv, _, d = k.shape
+    idx = starts.expand(b, heads, -1).reshape(b, hkv, -1)
+    return k.gather(2, idx[..., None].expand(*idx.shape, d))
+
+
+def conv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    k_bases: int = 16,
+    placement: str = "even",
+    T: int = 8,
+    delta: float = 0.5,
+    eps: float = 1e-3,
+    softcap: float | None = None,
+    kv_valid: torch.Tensor | None = None,
+    return_state: bool = False,
+):
+    """Causal conv-basis attention over a whole sequence.
+
+    Args:
+        q: [B, H, N, D]; k, v: [B, Hkv, N, D] (queries and keys are the same positions).
+        scale: logits are s q.k.
+        k_bases: number of conv bases k (k >= N is exact attention).
+        placement: "search" (the paper's recovery, parameters T, delta, eps), "even" or "geometric".
+        softcap: logits -> softcap * tanh(logits / softcap), applied to the basis entries (Gemma2).
+        kv_valid: [B, N] bool, False on padded slots (rows at padded slots return 0).
+        return_state: also return the `ConvState` for `conv_decode`.
+
+    Returns:
+        out [B, H, N, D] (and the state). Cost O(k N D log N) time, O(k N + N D) memory per head.
+    """
+    _check(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("conv_attention needs Nq == Nk (use conv_decode with a ConvState for later rows)")
+    if k_bases < 1:
+        raise ValueError(f"conv_k must be >= 1, got {k_bases}")
+    b, h, n, _ = q.shape
+    perm, lengths = _compaction(kv_valid, b, n, q.device)
+    qc, kc, vc = _gather_seq(q, perm), _gather_seq(k, perm), _gather_seq(v, perm)
+    oracle = ScoreColumns(qc, kc, scale, lengths)
+    starts, cum = recover(oracle, min(k_bases, n), placement, T, delta, eps)
+    out, n_direct = conv_fft_apply(_softcap(cum, softcap), starts, vc, lengths)
+    if perm is not None:
+        out = torch.zeros_like(out).scatter(2, perm[:, None, :, None].expand_as(out), out)
+    if not return_state:
+        return out
+    state = ConvState(starts.detach(), cum.detach(), lengths, _basis_keys(kc.detach(), starts, h),
+                      _fingerprint(kc.detach(), lengths), n_direct)
+    return out, state
+
+
+def state_matches(state: ConvState | None, k: torch.Tensor, kv_valid: torch.Tensor | None, nq: int) -> bool:
+    """Is `k` (the whole cache, new keys last) the continuation of the sequence `state` was built on?"""
+    if state is None or state.lengths.shape[0] != k.shape[0]:
+        return False
+    perm, lengths = _compaction(kv_valid, k.shape[0], k.shape[2], k.device)
+    if not torch.equal(lengths - nq, state.lengths):
+        return False
+    kc = _gather_seq(k, perm)
+    if not torch.equal(_basis_keys(kc, state.starts, state.cum.shape[1]), state.basis_keys):
+        return False
+    return torch.allclose(_fingerprint(kc, state.lengths), state.fingerprint, rtol=1e-6, atol=1e-6)
+
+
+def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None):
+    """The conv-basis approximation for the last Nq rows, given the prefill's state: O(Nq N D).
+
+    q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache). Returns (out, new state).
+    """
+    _check(q, k, v)
+    b, h, nq, _ = q.shape
+    perm, lengths = _compaction(kv_valid, b, k.shape[2], k.device)
+    kc, vc = _gather_seq(k, perm), _gather_seq(v, perm)
+    old = state.lengths
+    # extend every cumulative basis by the entries of the new rows: B_u[i - s_u] = s q_i . k_{s_u}
+    cap = int(lengths.max())
+    cum = state.cum
+    if cum.shape[-1] < cap:
+        cum = torch.nn.functional.pad(cum, (0, cap - cum.shape[-1]))
+    starts = state.starts.expand(b, h, -1)
+    keys = state.basis_keys.view(b, h, -1, q.shape[-1]).to(q.dtype)  # [B, H, k, D]
+    new = scale * (q @ keys.transpose(-1, -2))  # [B, H, Nq, k]
+    rows = old[:, None, None, None] + torch.arange(nq, device=q.device)[None, None, :, None]  # absolute row
+    delta = (rows - starts[:, :, None, :]).clamp(0, cap - 1)  # [B, H, Nq, k]
+    cum = cum.to(new.dtype).scatter(-1, delta.transpose(-1, -2), new.transpose(-1, -2))
+    rb, rh, rr = torch.meshgrid(torch.arange(b, device=q.device), torch.arange(h, device=q.device),
+                                torch.arange(nq, device=q.device), indexing="ij")
+    ri = old[rb] + rr
+    out = direct_rows(_softcap(cum, softcap), state.starts, vc, lengths, rb.reshape(-1), rh.reshape(-1), ri.reshape(-1), h // k.shape[1])
+    out = out.view(b, h, nq, -1).to(v.dtype)
+    new_state = ConvState(state.starts, cum.detach(), lengths, state.basis_keys, _fingerprint(kc.detach(), lengths))
+    return out, new_state

@@ -1,0 +1,330 @@
+"""Attention benchmark: our ops against torch SDPA in the same run.
+
+For each method and sequence length: forward (no grad) and forward+backward wall time, peak memory (CUDA
+allocator peak, or the process's peak RSS on CPU, reset before each measurement), the ratio to SDPA, our
+own FLOP count and achieved TFLOP/s, and the scaling exponent fitted over the longest lengths. Results
+go to JSON (with device, versions and date) and a PNG plot. Used by `hf-fastattn bench` and
+`scripts/bench_attention.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ methods
+def _method_fn(name: str, args):
+    """fn(q, k, v) -> out for a method spec: sdpa, flash, exact, poly, conv (conv:k=16 style overrides)."""
+    base, _, opt = name.partition(":")
+    extra = dict(kv.split("=") for kv in opt.split(",") if kv)
+    scale = args.head_dim**-0.5
+    if base == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                              enable_gqa=q.shape[1] != k.shape[1])
+    if base == "flash":
+        from flash_attn import flash_attn_func  # optional; GPU only
+
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=True, softmax_scale=scale).transpose(1, 2)
+    if base == "exact":
+        from .ops.exact import exact_attention
+
+        return lambda q, k, v: exact_attention(q, k, v, scale)
+    if base == "poly":
+        from .ops.poly import poly_attention
+
+        degree = int(extra.get("degree", args.degree))
+        band = int(extra.get("band", args.band))
+        chunk = int(extra.get("chunk", args.chunk))
+        kernel = extra.get("kernel", args.kernel)
+        return lambda q, k, v: poly_attention(q, k, v, scale, degree=degree, band=band, chunk=chunk, kernel=kernel)
+    if base == "conv":
+        from .ops.conv import conv_attention
+
+        kb = int(extra.get("k", args.conv_k))
+        placement = extra.get("placement", "even")
+        return lambda q, k, v: conv_attention(q, k, v, scale, k_bases=kb, placement=placement)
+    raise ValueError(f"unknown method {name!r}; choose from sdpa, flash, exact, poly[:degree=,band=,chunk=], conv[:k=]")
+
+
+def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, args) -> float:
+    """Our own FLOP count (matmuls only). Causal softmax attention: 4 B H N^2 D / 2 forward, x3.5 fwd+bwd."""
+    base, _, opt = name.partition(":")
+    extra = dict(kv.split("=") for kv in opt.split(",") if kv)
+    mult = 1.0 if mode == "fwd" else 3.5
+    if base in ("sdpa", "flash", "exact"):
+        return mult * 2.0 * b * h * n * n * d
+    if base == "poly":
+        from .ops.poly.features import FeatureMap
+
+        degree = int(extra.get("degree", args.degree))
+        chunk = int(extra.get("chunk", args.chunk))
+        band = int(extra.get("band", args.band))
+        r, g = FeatureMap.get(d, degree).r, h // hkv
+        lag = math.ceil(band / chunk) if band else 0
+        chunks = n / chunk
+        state = 2.0 * r * (d + 1) * chunk  # one [r, C] x [C, D+1] product
+        direct = 2.0 * g * chunk * (lag + 1) * chunk * d  # one [G C, K] x [K, D] product
+        fwd = chunks * ((1 + g) * state + 2 * direct)
+        bwd = chunks * ((3 + 2 * g) * state + 5 * direct)
+        return b * hkv * (fwd if mode == "fwd" else fwd + bwd)
+    if base == "conv":
+        kb = int(extra.get("k", args.conv_k))
+        fft = 5.0 * 2 * n * math.log2(2 * n)  # one real FFT of length 2N ~ 2.5 * 2N log2(2N), fwd + inverse
+        fwd = b * h * kb * ((d + 1) * fft + 2 * n * d)  # k bases x (D + 1) channels + score columns
+        return fwd * mult
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------- measuring
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        status = open("/proc/self/status").read()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, q, k, v, mode, repeats, warmup):
+    """(median seconds, peak MiB above the inputs, finite?)."""
+    device = q.device
+    leaves = [t.detach().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def once():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(*leaves)
+        out = fn(*leaves)
+        out.backward(do)
+        for t in leaves:
+            t.grad = None
+        return out.detach()
+
+    for _ in range(warmup):
+        once()
+    times, finite = [], True
+    _peak_reset(device)
+    before = _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = once()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        finite = finite and bool(torch.isfinite(out).all())
+        del out
+    peak = _peak_mb(device) - before
+    times.sort()
+    return times[len(times) // 2], max(peak, 0.0), finite
+
+
+def scaling_exponent(ns, ts) -> float:
+    """Least-squares slope of log t vs log n over the given points."""
+    if len(ns) < 2:
+        return float("nan")
+    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def environment(device) -> dict:
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_fastattn": __version__,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    methods = args.methods.split("+") if "+" in args.methods else args.methods.split(",")
+    modes = args.modes.split(",")
+    results, skip = [], set()
+    b, h, hkv, d = args.batch, args.heads, args.kv_heads or args.heads, args.head_dim
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(lengths) * len(methods) * len(modes), desc="bench", disable=args.quiet)
+    for n in lengths:
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        q = (torch.randn(b, h, n, d, generator=gen) * d**-0.25).to(device, dtype)
+        k = (torch.randn(b, hkv, n, d, generator=gen) * d**-0.25).to(device, dtype)
+        v = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype)
+        for method in methods:
+            fn = _method_fn(method, args)
+            for mode in modes:
+                bar.update(1)
+                row = dict(method=method, mode=mode, n=n)
+                if (method, mode) in skip:
+                    row["skipped"] = f"slower than --max-seconds {args.max_seconds} at a shorter length"
+                    results.append(row)
+                    continue
+                try:
+                    sec, peak, finite = measure(fn, q, k, v, mode, args.repeats, args.warmup)
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                    skip.add((method, mode))
+                    results.append(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                flops = flop_count(method, b, h, hkv, n, d, mode, args)
+                row.update(ms=sec * 1e3, peak_mb=peak, finite=finite, flops=flops, tflops=flops / sec / 1e12)
+                results.append(row)
+                bar.set_postfix_str(f"{method} {mode} n={n}: {sec * 1e3:.0f} ms")
+                if sec > args.max_seconds:
+                    skip.add((method, mode))
+        del q, k, v
+    bar.close()
+    # ratios to sdpa and exponents
+    sdpa = {(r["mode"], r["n"]): r["ms"] for r in results if r["method"] == "sdpa" and "ms" in r}
+    for r in results:
+        if "ms" in r and (r["mode"], r["n"]) in sdpa:
+            r["speedup_vs_sdpa"] = sdpa[(r["mode"], r["n"])] / r["ms"]
+    exponents = {}
+    for method in methods:
+        for mode in modes:
+            pts = [(r["n"], r["ms"]) for r in results if r["method"] == method and r["mode"] == mode and "ms" in r]
+            pts = pts[-args.fit_points:]
+            if len(pts) >= 2:
+                exponents.setdefault(method, {})[mode] = scaling_exponent([p[0] for p in pts], [p[1] for p in pts])
+    config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "degree", "band",
+                                              "chunk", "conv_k", "repeats", "kernel")}
+    report = {"env": environment(device), "config": config, "results": results, "exponents": exponents}
+    return report
+
+
+def print_table(report) -> None:
+    rows = [r for r in report["results"] if "ms" in r]
+    print(f"\n{report['env']['device']} ({report['env']['device_type']}, {report['env']['cpu_threads']} threads), "
+          f"config {report['config']}")
+    print(f"{'method':<22}{'mode':<8}{'n':>8}{'ms':>11}{'x sdpa':>8}{'peak MiB':>10}{'TFLOP/s':>9}")
+    for r in rows:
+        ratio = f"{r['speedup_vs_sdpa']:.2f}" if "speedup_vs_sdpa" in r else "-"
+        print(f"{r['method']:<22}{r['mode']:<8}{r['n']:>8}{r['ms']:>11.1f}{ratio:>8}{r['peak_mb']:>10.0f}{r['tflops']:>9.3f}")
+    for r in report["results"]:
+        if "ms" not in r:
+            print(f"{r['method']:<22}{r['mode']:<8}{r['n']:>8}  {r.get('skipped') or r.get('error')}")
+    print("scaling exponents (fit over the longest lengths):",
+          json.dumps({m: {k: round(v, 3) for k, v in e.items()} for m, e in report["exponents"].items()}))
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in report["results"]:
+        if "ms" in r:
+            series.setdefault((r["method"], r["mode"]), []).append(r)
+    for (method, mode), rows in series.items():
+        ns = [r["n"] for r in rows]
+        style = "-" if mode == "fwdbwd" else "--"
+        axes[0].loglog(ns, [r["ms"] for r in rows], style, marker="o", label=f"{method} {mode}")
+        axes[1].loglog(ns, [max(r["peak_mb"], 1e-1) for r in rows], style, marker="o", label=f"{method} {mode}")
+    axes[0].set(xlabel="sequence length N", ylabel="time (ms)", title="time (dashed: forward, solid: fwd+bwd)")
+    axes[1].set(xlabel="sequence length N", ylabel="peak memory (MiB)", title="peak memory above inputs")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    env = report["env"]
+    fig.suptitle(f"hf_fastattn vs SDPA on {env['device']} — {report['config']['dtype']}, B={report['config']['batch']}, "
+                 f"H={report['config']['heads']}, D={report['config']['head_dim']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="sdpa,exact,poly", help="comma list: sdpa, flash, exact, poly[:degree=2,band=0,chunk=128], conv[:k=16]")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=4, help="query heads H")
+    p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (0: same as --heads)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension D")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--degree", type=int, default=2, help="poly degree")
+    p.add_argument("--band", type=int, default=0, help="poly exact band W")
+    p.add_argument("--chunk", type=int, default=128, help="poly chunk size")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="poly kernel")
+    p.add_argument("--conv-k", type=int, default=16, help="conv bases k")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="stop growing N for a method once one run takes longer")
+    p.add_argument("--fit-points", type=int, default=3, help="longest lengths used for the scaling exponent")
+    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/attention-<device>-<date>.json)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    report = run(args)
+    print_table(report)
+    out = Path(args.out) if args.out else Path("benchmarks/results") / (
+        f"attention-{report['env']['device_type']}-{report['config']['dtype']}-{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    if not args.no_plot:
+        plot(report, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    return 0
