@@ -24,6 +24,7 @@ from ..masks import acc_dtype
 
 RELIABLE = 100.0  # a denominator must exceed this many FFT error bounds (measured: output error <= 4e-5 |v|)
 _FFT_BUDGET = 1 << 27  # complex elements held per group of bases (~1 GiB in complex64)
+_SAVE_BUDGET = 1 << 29  # spectra (complex elements, 4 GiB in complex64) kept for the backward instead of recomputed
 
 
 def fast_length(n: int) -> int:
@@ -50,10 +51,10 @@ def segments(starts: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tenso
 
 
 def basis_rows(cum, starts, lengths, rows_b, rows_h, rows_i, n):
-    """Approximate score rows H_hat[b, h, i, :] for a list of rows: [R, N] (-inf where masked)."""
-    seg = segments(starts, lengths, n)  # [B, Hs, N]
+    """Approximate score rows H_hat[b, h, i, :n] for a list of rows: [R, n] (-inf where masked)."""
+    seg = segments(starts, lengths, n)  # [B, Hs, n]
     hs = rows_h if starts.shape[1] > 1 else torch.zeros_like(rows_h)
-    seg_r = seg[rows_b, hs]  # [R, N]
+    seg_r = seg[rows_b, hs]  # [R, n]
     j = torch.arange(n, device=cum.device)
     delta = (rows_i[:, None] - j[None, :]).clamp_min(0)
     table = cum[rows_b, rows_h].flatten(1)  # [R, k * N]
@@ -63,15 +64,82 @@ def basis_rows(cum, starts, lengths, rows_b, rows_h, rows_i, n):
 
 
 def direct_rows(cum, starts, v, lengths, rows_b, rows_h, rows_i, groups, block=256):
-    """Softmax rows of the conv-basis approximation computed directly: [R, D]."""
-    n = v.shape[2]
-    out = []
+    """Softmax rows of the conv-basis approximation computed directly: [R, D]. Row i reads keys 0..i only,
+    so rows are processed in order of i, each block against just the keys its last row sees."""
+    order = torch.argsort(rows_i)
+    out = torch.empty(rows_b.numel(), v.shape[-1], dtype=acc_dtype(v.dtype), device=v.device)
     for r0 in range(0, rows_b.numel(), block):
-        sl = slice(r0, r0 + block)
-        s = basis_rows(cum, starts, lengths, rows_b[sl], rows_h[sl], rows_i[sl], n)
-        p = torch.softmax(s.to(acc_dtype(v.dtype)), -1).nan_to_num(0.0)
-        out.append((p[:, None, :] @ v[rows_b[sl], rows_h[sl] // groups].to(p.dtype))[:, 0])
-    return torch.cat(out) if out else v.new_zeros(0, v.shape[-1])
+        sel = order[r0 : r0 + block]
+        rb, rh, ri = rows_b[sel], rows_h[sel], rows_i[sel]
+        n = int(ri.max()) + 1
+        s = basis_rows(cum, starts, lengths, rb, rh, ri, n)
+        p = torch.softmax(s.to(out.dtype), -1).nan_to_num(0.0)
+        out = out.index_put((sel,), (p[:, None, :] @ v[rb, rh // groups, :n].to(p.dtype))[:, 0])
+    return out
+
+
+def _complex(dt):
+    return torch.complex128 if dt == torch.float64 else torch.complex64
+
+
+def _segment_groups(k, b, hv, freq, e_dim):
+    """Bases per group so that one group's spectra stay within the memory budget."""
+    return max(1, _FFT_BUDGET // max(1, b * hv * freq * e_dim))
+
+
+class ConvFFTFunction(torch.autograd.Function):
+    """nd[b, h, :, i] = sum_u sum_j e[b, h, u, i - j] vt[b, h // G, :, j] [seg(j) = u]: k causal convolutions.
+
+    e: [B, H, k, N] kernels (<= 1), vt: [B, Hv, E, N] channels-first values (FFTs along the last, contiguous
+    dim), seg: [B, Hv or 1, N] segment of every column (-1 outside). Forward: k E rfft + E irfft per head.
+    Backward recomputes the spectra group by group (memory O(group k E N)) instead of saving them:
+    dvt = correlation of dnd with e_u on segment u, de_u = correlation of dnd with vt_u.
+    """
+
+    @staticmethod
+    def forward(ctx, e, vt, seg, size):
+        b, h, k, n = e.shape
+        hv, ed = vt.shape[1], vt.shape[2]
+        g, freq = h // hv, size // 2 + 1
+        acc = torch.zeros(b, hv, g, ed, freq, dtype=_complex(e.dtype), device=e.device)
+        step = _segment_groups(k, b, hv, freq, ed)
+        keep = step >= k and b * hv * k * ed * freq <= _SAVE_BUDGET  # spectra small enough to keep for backward
+        for u0 in range(0, k, step):
+            us = torch.arange(u0, min(k, u0 + step), device=e.device)
+            ef = torch.fft.rfft(e[:, :, us], n=size).view(b, hv, g, len(us), freq)
+            vf = torch.fft.rfft(vt[:, :, None] * (seg[:, :, None, None, :] == us[:, None, None]), n=size)
+            for t in range(len(us)):  # [B, Hv, G, 1, F] * [B, Hv, 1, E, F]
+                acc += ef[:, :, :, t, None] * vf[:, :, None, t]
+        ctx.save_for_backward(e, vt, seg, *((ef, vf) if keep else ()))
+        ctx.size = size
+        return torch.fft.irfft(acc, n=size)[..., :n].reshape(b, h, ed, n)
+
+    @staticmethod
+    def backward(ctx, dnd):
+        e, vt, seg, *spectra = ctx.saved_tensors
+        size = ctx.size
+        b, h, k, n = e.shape
+        hv, ed = vt.shape[1], vt.shape[2]
+        g, freq = h // hv, size // 2 + 1
+        fdy = torch.fft.rfft(dnd.reshape(b, hv, g, ed, n), n=size)  # [B, Hv, G, E, F]
+        de = torch.zeros_like(e).view(b, hv, g, k, n)
+        dvt = torch.zeros_like(vt)
+        step = _segment_groups(k, b, hv, freq, ed)
+        for u0 in range(0, k, step):
+            us = torch.arange(u0, min(k, u0 + step), device=e.device)
+            onehot = seg[:, :, None, None, :] == us[:, None, None]  # [B, Hv|1, g', 1, N]
+            if spectra:
+                ef, vf = spectra
+            else:
+                ef = torch.fft.rfft(e[:, :, us], n=size).view(b, hv, g, len(us), freq)
+                vf = torch.fft.rfft(vt[:, :, None] * onehot, n=size)  # [B, Hv, g', E, F]
+            for t in range(len(us)):
+                # correlation with e_u over the query heads that share these values, kept on segment u
+                dx = torch.fft.irfft((ef[:, :, :, t, None].conj() * fdy).sum(2), n=size)[..., :n]
+                dvt += dx * onehot[:, :, t]
+                cross = (vf[:, :, None, t].conj() * fdy).sum(-2)  # [B, Hv, G, F], summed over channels
+                de[:, :, :, int(us[t])] = torch.fft.irfft(cross, n=size)[..., :n]
+        return de.view(b, h, k, n), dvt, None, None
 
 
 def conv_fft_apply(cum, starts, v, lengths):
@@ -79,7 +147,7 @@ def conv_fft_apply(cum, starts, v, lengths):
     lengths [B] -> (out [B, H, N, D], number of rows recomputed directly)."""
     b, h, k, n = cum.shape
     hkv, d = v.shape[1], v.shape[-1]
-    g, hs = h // hkv, starts.shape[1]
+    g = h // hkv
     dt = acc_dtype(v.dtype)
     j = torch.arange(n, device=v.device)
     # entries of basis u that some valid (i, j) pair reads: delta < L - s_u
@@ -89,27 +157,11 @@ def conv_fft_apply(cum, starts, v, lengths):
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     e = torch.exp(torch.where(dvalid, cum - shift[..., None, None], float("-inf")))  # [B, H, k, N], <= 1
     seg = segments(starts, lengths, n)  # [B, Hs, N]
-    vp = torch.cat([v.to(dt), torch.ones_like(v[..., :1], dtype=dt)], -1)  # [B, Hkv, N, D+1]
+    vt = torch.cat([v.to(dt), torch.ones_like(v[..., :1], dtype=dt)], -1).transpose(-1, -2)  # [B, Hkv, D+1, N]
+    if starts.shape[1] > 1:  # every head searched its own basis: values per query head
+        vt = vt.repeat_interleave(g, dim=1)
     size = fast_length(2 * n)
-    freq = size // 2 + 1
-    # V'_u is per KV head when the bases are shared, per query head when every head searched its own
-    per_head = hs > 1
-    vsrc = vp.repeat_interleave(g, dim=1) if per_head else vp  # [B, Hv, N, D+1]
-    hv = vsrc.shape[1]
-    acc = torch.zeros(b, hkv, g, freq, d + 1, dtype=torch.complex128 if dt == torch.float64 else torch.complex64,
-                      device=v.device)
-    group = max(1, _FFT_BUDGET // max(1, b * hv * freq * (d + 1)))
-    for u0 in range(0, k, group):
-        us = torch.arange(u0, min(k, u0 + group), device=v.device)
-        onehot = (seg[:, :, None, :] == us[None, None, :, None]).to(dt)  # [B, Hs, g', N]
-        vu = onehot[..., None] * vsrc[:, :, None]  # [B, Hv, g', N, D+1]
-        vf = torch.fft.rfft(vu, n=size, dim=-2)  # [B, Hv, g', F, D+1]
-        ef = torch.fft.rfft(e[:, :, us], n=size, dim=-1).view(b, hkv, g, len(us), freq)
-        if per_head:
-            acc = acc + torch.einsum("bhguf,bhgufe->bhgfe", ef, vf.view(b, hkv, g, len(us), freq, d + 1))
-        else:
-            acc = acc + torch.einsum("bhguf,bhufe->bhgfe", ef, vf)
-    nd = torch.fft.irfft(acc, n=size, dim=-2)[..., :n, :].reshape(b, h, n, d + 1)
+    nd = ConvFFTFunction.apply(e, vt.contiguous(), seg, size).transpose(-1, -2)  # [B, H, N, D+1]
     den = nd[..., -1]
     # absolute FFT error bound of the denominator: eps log2(L) sum_u |e_u|_2 sqrt(segment length)
     seglen = torch.stack([(seg == u).sum(-1) for u in range(k)], -1).to(dt)  # [B, Hs, k]
