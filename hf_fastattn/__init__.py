@@ -12,7 +12,7 @@ from .config import FastAttnConfig, get_config
 __version__ = "0.1.0"
 NAME = "fastattn"
 
-__all__ = ["FastAttnConfig", "configure", "get_config", "register", "NAME", "__version__"]
+__all__ = ["FastAttnConfig", "configure", "diagnose", "plan", "get_config", "register", "NAME", "__version__"]
 
 
 def register(name: str = NAME) -> str:
@@ -54,6 +54,20 @@ def configure(model, options: dict | FastAttnConfig | None = None, *, replace: b
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.set_attn_implementation(NAME)
     return cfg
+
+
+def diagnose(model, data, settings=None, **kwargs):
+    """Per-layer, per-head statistics and measured errors of every method setting; see `hf_fastattn.diagnostics`."""
+    from .diagnostics import diagnose as _diagnose
+
+    return _diagnose(model, data, settings, **kwargs)
+
+
+def plan(report, budget: float, **kwargs) -> dict:
+    """Cheapest setting per (layer, head) within `budget`; apply with `configure(model, plan=...)`."""
+    from .diagnostics import plan as _plan
+
+    return _plan(report, budget, **kwargs)
 
 
 register()

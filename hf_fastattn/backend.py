@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from functools import partial
 from typing import Callable
 
 import torch
@@ -25,6 +26,8 @@ logger = logging.getLogger("hf_fastattn")
 
 # method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module) -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}
+# fn(module, layer_idx, q, k, v, kv_valid, segments, opts) called before every attention call (diagnostics)
+_HOOKS: list[Callable] = []
 
 
 def register_method(name: str):
@@ -40,6 +43,14 @@ def register_method(name: str):
 @register_method("exact")
 def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
     return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block)
+
+
+@register_method("band")
+def _run_band(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
+    if cfg.local_window < 1:
+        raise ValueError("fastattn method 'band' needs local_window >= 1 (the number of keys each query sees)")
+    w = cfg.local_window if window is None else min(window, cfg.local_window)
+    return exact_attention(q, k, v, scale, causal, w, softcap, kv_valid, cfg.exact_block)
 
 
 _warned: set = set()
@@ -276,10 +287,18 @@ def fastattn_attention_forward(
     opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, cfg=cfg, layer_idx=layer_idx,
                 module=module)
 
+    heads = cfg.head_plan(layer_idx)
+    if heads is not None:
+        if len(heads) != query.shape[1]:
+            raise ValueError(f"fastattn plan for layer {layer_idx} lists {len(heads)} heads; the layer has {query.shape[1]}")
+        run = partial(_run_plan, heads=heads)
+
     b, _, nq, _ = query.shape
     seg = None
     if attention_mask is None and nq == key.shape[2]:
         seg = _segment_ids(kwargs, b, nq, query.device)
+    for hook in _HOOKS:
+        hook(module, layer_idx, query, key, value, attention_mask, seg, opts)
     if seg is None:
         out = run(query, key, value, kv_valid=attention_mask, **opts)
     else:
@@ -287,3 +306,35 @@ def fastattn_attention_forward(
         out = run(_unpack(query, index), _unpack(key, index), _unpack(value, index), kv_valid=valid, **opts)
         out = _repack(out, index, valid, b, nq)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _GroupState:
+    """Where a plan group's method keeps per-layer state (e.g. the conv basis for decoding)."""
+
+
+def _run_plan(q, k, v, *, heads, cfg, module, **opts):
+    """A mixed plan: heads grouped by setting, one op call per group, outputs put back in head order.
+
+    A group made of whole GQA groups keeps sharing its KV heads; otherwise each query head gets its own
+    KV head (a gather of the KV heads that group needs)."""
+    h, hkv = q.shape[1], k.shape[1]
+    g = h // hkv
+    names = sorted(set(heads), key=heads.index)
+    states = module.__dict__.setdefault("_fastattn_plan_state", {}) if module is not None else {}
+    outs, order = [], []
+    for name in names:
+        idx = [i for i, s in enumerate(heads) if s == name]
+        kv = [i // g for i in idx]
+        if all(kv.count(j) == g for j in set(kv)):  # whole GQA groups, in order
+            kv_idx = torch.tensor(sorted(set(kv)), device=q.device)
+        else:
+            kv_idx = torch.tensor(kv, device=q.device)
+        qi = torch.tensor(idx, device=q.device)
+        sub = cfg.setting(name)
+        out = _METHODS[sub.method](q.index_select(1, qi), k.index_select(1, kv_idx), v.index_select(1, kv_idx),
+                                   cfg=sub, module=states.setdefault(name, _GroupState()), **opts)
+        outs.append(out)
+        order += idx
+    inverse = torch.empty(h, dtype=torch.long, device=q.device)
+    inverse[torch.tensor(order, device=q.device)] = torch.arange(h, device=q.device)
+    return torch.cat(outs, dim=1).index_select(1, inverse)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("exact", "poly", "conv")
+METHODS = ("exact", "poly", "conv", "band")
 GUARDS = ("warn", "exact", "error", "off")
 CONV_PLACEMENTS = ("search", "even", "geometric")
 POLY_FITS = ("taylor", "fit")
@@ -30,7 +30,8 @@ class FastAttnConfig:
 
     Args:
         method: `"exact"` (chunked exact softmax, linear memory), `"poly"` (polynomial method),
-            `"conv"` (conv-basis / FFT).
+            `"conv"` (conv-basis / FFT), `"band"` (exact attention inside the local window only — the honest
+            baseline for the far part of `poly`: a sliding window of `local_window` keys).
         guard: what `poly` does when its bounded-entry bound predicts a large error: `"warn"` (once per
             layer), `"exact"` (run exact attention for that call), `"error"` (raise), `"off"`.
         guard_tolerance: predicted relative error above which the guard acts.
@@ -102,8 +103,7 @@ class FastAttnConfig:
             if bad:
                 raise ValueError(f"fastattn_config['layers'][{idx!r}] may not set {bad}: they are global options")
             dataclasses.replace(self, layers={}, plan={}, **_checked_keys(override, f"layers[{idx!r}]"))
-        if not isinstance(self.plan, dict):
-            raise ValueError(f"fastattn_config['plan'] must be a dict, got {type(self.plan).__name__}")
+        _check_plan(self.plan)
 
     # ---------------------------------------------------------------- construction / serialisation
     @classmethod
@@ -130,6 +130,16 @@ class FastAttnConfig:
     def replace(self, **options) -> FastAttnConfig:
         return dataclasses.replace(self, **_checked_keys(options, ""))
 
+    def head_plan(self, layer_idx: int | None) -> list[str] | None:
+        """Per-head setting names of a mixed plan for this layer (None: no plan for it)."""
+        if not self.plan or layer_idx is None:
+            return None
+        return self.plan["layers"].get(str(layer_idx))
+
+    def setting(self, name: str) -> FastAttnConfig:
+        """The options of one plan setting, on top of these options (the plan itself dropped)."""
+        return dataclasses.replace(self, plan={}, layers={}, **self.plan["settings"][name])
+
     def for_layer(self, layer_idx: int | None) -> FastAttnConfig:
         """The options that apply to one layer (global options with that layer's overrides)."""
         if layer_idx is None or not self.layers:
@@ -138,6 +148,33 @@ class FastAttnConfig:
         if not override:
             return self
         return dataclasses.replace(self, layers={}, **override)
+
+
+def _check_plan(plan) -> None:
+    """plan = {"settings": {name: {option: value}}, "layers": {"<layer>": [setting name per head]}}."""
+    if not isinstance(plan, dict):
+        raise ValueError(f"fastattn_config['plan'] must be a dict, got {type(plan).__name__}")
+    if not plan:
+        return
+    if set(plan) != {"settings", "layers"}:
+        raise ValueError(f"fastattn_config['plan'] needs exactly the keys 'settings' and 'layers', got {sorted(plan)}")
+    settings, layers = plan["settings"], plan["layers"]
+    if not isinstance(settings, dict) or not isinstance(layers, dict):
+        raise ValueError("fastattn_config['plan']['settings'] and ['layers'] must be dicts")
+    for name, options in settings.items():
+        if not isinstance(options, dict) or any(k in _GLOBAL_ONLY for k in options):
+            raise ValueError(f"fastattn_config['plan']['settings'][{name!r}] must be a dict of per-layer options")
+        FastAttnConfig(**_checked_keys(options, f"plan.settings[{name!r}]"))
+    for idx, heads in layers.items():
+        _layer_key(idx)
+        if not isinstance(heads, list) or not heads:
+            raise ValueError(f"fastattn_config['plan']['layers'][{idx!r}] must be a non-empty list of setting names")
+        unknown = sorted({h for h in heads if h not in settings})
+        if unknown:
+            raise ValueError(
+                f"fastattn_config['plan']['layers'][{idx!r}] names unknown settings {unknown}; "
+                f"defined settings are {sorted(settings)}"
+            )
 
 
 def _layer_key(idx) -> int:

@@ -200,7 +200,7 @@ def test_configure_switches_implementation():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"method": "fast"}, "fastattn_config['method'] must be one of 'exact', 'poly', 'conv'; got 'fast'"),
+        ({"method": "fast"}, "fastattn_config['method'] must be one of 'exact', 'poly', 'conv', 'band'; got 'fast'"),
         ({"guard": "maybe"}, "fastattn_config['guard'] must be one of 'warn', 'exact', 'error', 'off'"),
         ({"degree": 3}, "fastattn_config['degree'] must be even"),
         ({"degree": 0}, "fastattn_config['degree'] must be an integer >= 2"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .masks import acc_dtype, dense_mask, group_queries, key_range, repeat_kv, visible
+from .stats import count
 
 # Scores per block: B * H * rows * keys <= this many elements (~128 MiB in float32).
 _BLOCK_ELEMENTS = 1 << 25
@@ -121,6 +122,7 @@ def _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, 
 class ExactAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, window, softcap, kv_valid, block):
+        count("exact.forward")
         out, lse = _exact_fwd(q, k, v, scale, causal, window, softcap, kv_valid, block)
         ctx.save_for_backward(q, k, v, out, lse, kv_valid)
         ctx.args = (scale, causal, window, softcap, block)
@@ -128,6 +130,7 @@ class ExactAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        count("exact.backward")
         q, k, v, out, lse, kv_valid = ctx.saved_tensors
         scale, causal, window, softcap, block = ctx.args
         dq, dk, dv = _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, block)

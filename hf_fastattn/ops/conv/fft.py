@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..masks import acc_dtype
+from ..stats import count
 
 RELIABLE = 100.0  # a denominator must exceed this many FFT error bounds (measured: output error <= 4e-5 |v|)
 _FFT_BUDGET = 1 << 27  # complex elements held per group of bases (~1 GiB in complex64)
@@ -98,6 +99,7 @@ class ConvFFTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, vt, seg, size):
+        count("conv.forward")
         b, h, k, n = e.shape
         hv, ed = vt.shape[1], vt.shape[2]
         g, freq = h // hv, size // 2 + 1
@@ -116,6 +118,7 @@ class ConvFFTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dnd):
+        count("conv.backward")
         e, vt, seg, *spectra = ctx.saved_tensors
         size = ctx.size
         b, h, k, n = e.shape

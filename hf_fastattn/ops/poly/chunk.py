@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import acc_dtype
+from ..stats import count
 from .features import FeatureMap, abs_poly, poly_deriv, poly_eval
 
 NEG_INF = float("-inf")
@@ -218,6 +219,7 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
 class PolyChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, valid, scale, coeffs, band, chunk, softcap):
+        count("poly.forward")
         out, m, den = poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap)
         ctx.save_for_backward(q, k, v, valid, out, m, den)
         ctx.args = (scale, coeffs, band, chunk, softcap)
@@ -225,6 +227,7 @@ class PolyChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        count("poly.backward")
         q, k, v, valid, out, m, den = ctx.saved_tensors
         dq, dk, dv = poly_chunk_bwd(do.contiguous(), q, k, v, valid, out, m, den, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
@@ -250,6 +253,7 @@ def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None,
 
 def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None):
     """The same function computed directly against every key (decode: O(Nq Nk D)); autograd backward."""
+    count("poly.direct")
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dt = acc_dtype(q.dtype)

@@ -1,0 +1,290 @@
+"""Fine-tuning through fastattn with accelerate (`scripts/finetune.py` is the entry point).
+
+    accelerate launch scripts/finetune.py --model PATH --attn fastattn --method poly --local-window 64 \\
+        --data train.txt --seq-len 1024 --steps 1000 --bf16
+    torchrun --nproc_per_node 2 scripts/finetune.py ...      # data parallel on CPU (gloo)
+
+Any causal LM path; fastattn options on the command line; local text / json(l) files through `datasets`
+(hub names when online; default: the embedded corpus); packing to --seq-len; gradient accumulation;
+bf16/fp32; gradient checkpointing; LoRA via peft; cosine schedule with warm-up; tqdm on the main process;
+periodic eval loss; checkpoints every --save-every steps with exact resume (optimizer, scheduler, RNG,
+data position); a final `save_pretrained` that carries `fastattn_config`. metrics.json records the loss
+curve, the world size the job really had, and the op call counters (proof that fastattn's backward ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASTATTN_OPTIONS = ("method", "degree", "local_window", "chunk_size", "guard", "poly_coeffs", "fit_range",
+                    "conv_k", "conv_placement", "kernel")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="'embedded', 'tiny:<family>' or a causal-LM path")
+    p.add_argument("--attn", default="fastattn", choices=["fastattn", "sdpa", "eager"], help="attention implementation")
+    p.add_argument("--method", default="poly", choices=["exact", "poly", "conv", "band"], help="fastattn method")
+    p.add_argument("--degree", type=int, default=2, help="poly degree")
+    p.add_argument("--local-window", type=int, default=64, help="exact band W (poly) / window (band)")
+    p.add_argument("--chunk-size", type=int, default=128, help="poly chunk size")
+    p.add_argument("--guard", default="off", choices=["warn", "exact", "error", "off"], help="poly guard policy")
+    p.add_argument("--poly-coeffs", default="taylor", choices=["taylor", "fit"], help="poly coefficients")
+    p.add_argument("--fit-range", type=float, default=2.0, help="logit range of the fitted polynomial")
+    p.add_argument("--conv-k", type=int, default=16, help="conv bases")
+    p.add_argument("--conv-placement", default="even", choices=["search", "even", "geometric"], help="conv basis columns")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="poly kernel")
+    p.add_argument("--plan", default=None, help="a plan.json from `hf-fastattn diagnose --plan` (overrides --method)")
+    p.add_argument("--data", nargs="*", default=None, help="text / json / jsonl files or a hub dataset (default: embedded corpus)")
+    p.add_argument("--text-field", default="text", help="field of json records holding the text")
+    p.add_argument("--eval-data", nargs="*", default=None, help="held-out files (default: embedded held-out / 5 %% split)")
+    p.add_argument("--copy-fraction", type=float, default=0.0, help="share of training rows with a repeated passage (embedded data)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (accelerate mixed precision)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between eval losses (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, help="eval micro-batches")
+    p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
+    p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the latest in --output-dir")
+    p.add_argument("--output-dir", default="runs/finetune", help="checkpoints, final model and metrics.json")
+    p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
+    p.add_argument("--seed", type=int, default=0, help="seed (model init, data order)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _load_texts(files, text_field):
+    from datasets import load_dataset
+
+    files = list(files)
+    if len(files) == 1 and not os.path.exists(files[0]):  # a hub dataset name (needs the network)
+        ds = load_dataset(files[0], split="train")
+    else:
+        ext = Path(files[0]).suffix.lower()
+        builder = "json" if ext in (".json", ".jsonl") else "text"
+        ds = load_dataset(builder, data_files=files, split="train", **({"sample_by": "document"} if builder == "text" else {}))
+    if text_field not in ds.column_names:
+        raise ValueError(f"--text-field {text_field!r} not in the dataset columns {ds.column_names}")
+    return [t for t in ds[text_field] if t]
+
+
+def token_stream(tokenizer, texts) -> np.ndarray:
+    from .loading import tokenize
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    parts = []
+    for t in texts:
+        parts.append(tokenize(tokenizer, t).numpy())
+        if eos is not None:
+            parts.append(np.array([eos]))
+    return np.concatenate(parts).astype(np.int64)
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Non-overlapping rows of seq_len tokens of a token stream (packing); optionally some rows get a passage
+    repeated far apart (teaches/keeps copying from far context)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, copy_fraction: float = 0.0, seed: int = 0):
+        self.rows = torch.from_numpy(stream[: (len(stream) // seq_len) * seq_len].reshape(-1, seq_len))
+        if len(self.rows) == 0:
+            raise ValueError(f"the data has {len(stream)} tokens, fewer than one row of --seq-len {seq_len}")
+        self.stream, self.seq_len, self.copy_fraction, self.seed = stream, seq_len, copy_fraction, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if self.copy_fraction and (i * 2654435761 + self.seed) % 1000 < self.copy_fraction * 1000:
+            import random
+
+            from .data import copy_row
+
+            rng = random.Random(self.seed * 100003 + i)
+            passage = rng.randint(16, 64)
+            distance = rng.randint(passage, self.seq_len - passage)
+            row, _, _ = copy_row(self.stream.astype(np.uint8) if self.stream.max() < 256 else self.stream,
+                                 self.seq_len, passage, distance, rng, random_passage=rng.random() < 0.5)
+            return {"input_ids": torch.as_tensor(row, dtype=torch.long)}
+        return {"input_ids": self.rows[i]}
+
+
+def build_data(args, tokenizer):
+    """(train dataset, eval dataset)."""
+    if args.data:
+        texts = _load_texts(args.data, args.text_field)
+        if args.eval_data:
+            eval_texts = _load_texts(args.eval_data, args.text_field)
+        else:
+            cut = max(1, len(texts) // 20)
+            texts, eval_texts = texts[cut:] or texts, texts[:cut]
+    else:
+        from .data import stdlib_text
+
+        texts, eval_texts = [stdlib_text("train")], [stdlib_text("heldout")]
+    train = PackedRows(token_stream(tokenizer, texts), args.seq_len, args.copy_fraction, args.seed)
+    evald = PackedRows(token_stream(tokenizer, eval_texts), args.seq_len)
+    return train, evald
+
+
+# ------------------------------------------------------------------------------------------ training
+def fastattn_options(args) -> dict:
+    opts = {k: getattr(args, k) for k in FASTATTN_OPTIONS}
+    if args.plan:
+        raw = json.loads(Path(args.plan).read_text())
+        opts["plan"] = raw.get("plan", raw)
+    return opts
+
+
+def _latest_checkpoint(out: Path):
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def run(args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    import hf_fastattn
+    from hf_fastattn.loading import load_model
+    from hf_fastattn.ops import stats
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    acc = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no")
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    model, tokenizer = load_model(args.model, attn=args.attn)
+    if args.attn == "fastattn":
+        hf_fastattn.configure(model, replace=True, **fastattn_options(args))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 task_type="CAUSAL_LM"))
+    train, evald = build_data(args, tokenizer)
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
+    eval_loader = torch.utils.data.DataLoader(evald, batch_size=args.batch_size, shuffle=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    model, opt, loader, eval_loader, sched = acc.prepare(model, opt, loader, eval_loader, sched)
+
+    step, history, evals = 0, [], []
+    resume = args.resume
+    if resume == "auto":
+        resume = _latest_checkpoint(out)
+    if resume:
+        acc.load_state(str(resume))
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
+        acc.print(f"resumed from {resume} at step {step}")
+    world = acc.num_processes
+    acc.print(f"world size {world} ({acc.distributed_type}), {len(train)} training rows of {args.seq_len} tokens, "
+              f"attn={args.attn} {fastattn_options(args) if args.attn == 'fastattn' else ''}")
+    stats.reset()
+
+    def evaluate():
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for i, batch in enumerate(eval_loader):
+                if i >= args.eval_batches:
+                    break
+                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+                losses.append(acc.gather_for_metrics(loss.detach()[None]))
+        model.train()
+        return float(torch.cat(losses).mean()) if losses else float("nan")
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not acc.is_main_process, desc="finetune")
+    t0 = time.time()
+    epoch = 0
+    data_iter = iter(_skip(loader, step * args.grad_accum))
+    while step < args.steps:
+        try:
+            batch = next(data_iter)
+        except StopIteration:
+            epoch += 1
+            loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+            data_iter = iter(loader)
+            continue
+        with acc.accumulate(model):
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            continue
+        step += 1
+        loss_all = float(acc.gather_for_metrics(loss.detach()[None]).mean())
+        history.append({"step": step, "loss": loss_all, "lr": sched.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_all:.3f}")
+        if args.eval_every and step % args.eval_every == 0:
+            evals.append({"step": step, "eval_loss": evaluate()})
+            acc.print(f"step {step}: eval loss {evals[-1]['eval_loss']:.4f}")
+        if args.save_every and step % args.save_every == 0:
+            ckpt = out / f"checkpoint-{step}"
+            acc.save_state(str(ckpt))
+            if acc.is_main_process:
+                (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    bar.close()
+    if not evals or evals[-1]["step"] != step:
+        evals.append({"step": step, "eval_loss": evaluate()})
+    acc.wait_for_everyone()
+    metrics = {
+        "world_size": world, "distributed_type": str(acc.distributed_type), "steps": step,
+        "seconds": time.time() - t0, "train": history, "eval": evals,
+        "op_calls": dict(stats.COUNTS), "args": {k: v for k, v in vars(args).items() if k != "func"},
+    }
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.no_save_model:
+            final = acc.unwrap_model(model)
+            if args.lora:
+                final = final.merge_and_unload()
+            final.save_pretrained(out / "final")
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(out / "final")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    acc.end_training()
+    metrics["model"] = acc.unwrap_model(model)
+    return metrics
+
+
+def _skip(loader, n):
+    """The loader with its first n batches skipped (deterministic resume within the first epoch)."""
+    for i, batch in enumerate(loader):
+        if i >= n:
+            yield batch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0

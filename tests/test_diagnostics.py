@@ -1,0 +1,184 @@
+"""Diagnostics and planning: the report's numbers are the ones computed directly; planted heads get the right
+method; mixed plans run (and, when every setting is exact by construction, equal eager exactly)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import hf_fastattn
+from hf_fastattn import backend
+from hf_fastattn.diagnostics import (
+    DEFAULT_SETTINGS,
+    Report,
+    diagnose,
+    evaluate_plan,
+    plan,
+    plan_summary,
+    predicted_vs_realised,
+)
+from hf_fastattn.ops.exact import naive_attention
+from hf_fastattn.ops.poly import poly_coefficients
+from hf_fastattn.ops.poly.naive import naive_poly_attention
+from hf_fastattn.testing import FAMILIES, model_pair, tiny_config
+
+SMALL = {k: DEFAULT_SETTINGS[k] for k in ("poly-d2-w0", "poly-d2-w64", "conv-k4", "conv-k16")}
+
+
+def _tokens(b, n, seed):
+    return torch.randint(3, 97, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_report_errors_equal_direct_computation():
+    _, model = model_pair(tiny_config("llama"))
+    x = _tokens(2, 96, 0)
+    report = diagnose(model, x, SMALL, depth_settings=[], progress=False)
+    captured = {}
+
+    def hook(module, layer, q, k, v, kv_valid, seg, opts):
+        captured[layer] = (q, k, v, opts)
+
+    backend._HOOKS.append(hook)
+    try:
+        hf_fastattn.configure(model, method="exact")
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+    finally:
+        backend._HOOKS.remove(hook)
+    q, k, v, opts = captured[1]
+    ref = naive_attention(q, k, v, opts["scale"])
+    out = naive_poly_attention(q, k, v, opts["scale"], poly_coefficients(2), 64)
+    head = 3
+    direct = ((out - ref)[:, head].norm() / ref[:, head].norm()).item()
+    assert math.isclose(report.head(1, head).errors["poly-d2-w64"], direct, rel_tol=1e-4)
+    logits = opts["scale"] * q[:, head] @ k[:, head // 2].transpose(-1, -2)
+    causal = torch.ones(96, 96, dtype=torch.bool).tril()
+    assert math.isclose(report.head(1, head).logit_max, logits.abs()[:, causal].max().item(), rel_tol=1e-5)
+    assert report.head(1, head).q_inf == pytest.approx(math.sqrt(opts["scale"]) * q[:, head].abs().max().item())
+
+
+def test_report_outputs(tmp_path):
+    _, model = model_pair(tiny_config("gemma2"))
+    report = diagnose(model, _tokens(1, 40, 1), SMALL, depth_settings=["poly-d2-w0"], progress=False)
+    assert report.head(0, 0).sliding and report.head(0, 0).errors["poly-d2-w0"] == 0.0  # sliding: exact
+    assert not report.head(1, 0).sliding and report.head(1, 0).errors["poly-d2-w0"] > 0
+    text = report.table()
+    assert "max|sqk|" in text and "poly-d2-w0" in text and "end to end" in text
+    report.save_json(tmp_path / "r.json")
+    again = Report.load_json(tmp_path / "r.json")
+    assert again.head(1, 2).errors == report.head(1, 2).errors
+    report.heatmap(tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    rows = report.depth["poly-d2-w0"]
+    assert [r["layers"] for r in rows] == [1, 2] and all(r["grad_rel_err"] >= 0 for r in rows)
+    json.dumps(report.to_dict())
+
+
+def _planted_model():
+    """Llama, MHA: layer 0 head 0 positional (q, k constant before RoPE: Toeplitz scores), layer 0 head 1
+    bounded (logits of rms ~0.15), every other head a random head with wide logits."""
+    cfg = tiny_config("llama", num_key_value_heads=4, attention_bias=True, num_hidden_layers=2)
+    ref, model = model_pair(cfg)
+    d = cfg.head_dim
+    with torch.no_grad():
+        for m in (ref, model):
+            attn = m.model.layers[0].self_attn
+            g = torch.Generator().manual_seed(7)
+            for proj in (attn.q_proj, attn.k_proj):
+                proj.weight[:d] = 0.0  # head 0: constant content
+                proj.bias[:d] = 3.0 * torch.randn(d, generator=g)
+                proj.weight[d : 2 * d] *= 0.15  # head 1: small logits
+                proj.bias[d : 2 * d] = 0.0
+    return ref, model
+
+
+def test_planted_heads_get_the_right_method():
+    ref, model = _planted_model()
+    x = _tokens(2, 160, 2)
+    report = diagnose(model, x, SMALL, depth_settings=[], progress=False)
+    p = plan(report, budget=0.01)
+    heads0 = p["layers"]["0"]
+    assert heads0[0].startswith("conv") and heads0[1].startswith("poly")
+    assert heads0[2:] == ["exact", "exact"] and p["layers"]["1"] == ["exact"] * 4
+    assert report.head(0, 0).errors["conv-k4"] < 1e-5  # exactly 1-conv
+    hf_fastattn.configure(model, replace=True, plan=p)
+    held_out = _tokens(2, 160, 3)
+    a, b = ref(input_ids=held_out).logits, model(input_ids=held_out).logits
+    assert ((a - b).norm() / a.norm()).item() <= 0.01
+    realised = evaluate_plan(model, p, held_out)
+    assert realised["logit_rel_err"] <= 0.01 and realised["per_head"]["0.1"] <= 0.02
+    assert "predicted" in predicted_vs_realised(report, p, realised) and "conv" in plan_summary(p)
+
+
+def test_plan_rejects_uninformative_settings_and_bad_budget():
+    _, model = model_pair(tiny_config("llama"))
+    report = diagnose(model, _tokens(1, 48, 4), {"poly-w64": {"method": "poly", "local_window": 64}},
+                      depth_settings=[], progress=False)
+    assert all(h.errors["poly-w64"] == pytest.approx(0, abs=1e-6) for h in report.heads)  # band covers all 48
+    assert set(plan(report, 0.5)["settings"]) == {"exact"}  # ... so it is never chosen
+    with pytest.raises(ValueError, match="budget must be a positive"):
+        plan(report, 0)
+
+
+def _round_robin_plan(cfg, settings):
+    names = list(settings)
+    layers = {str(i): [names[(i + h) % len(names)] for h in range(cfg.num_attention_heads)]
+              for i in range(cfg.num_hidden_layers)}
+    return {"settings": settings, "layers": layers}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_plan_runs_everything(family):
+    cfg = tiny_config(family)
+    _, model = model_pair(cfg)
+    settings = {"exact": {"method": "exact"}, "p": {"method": "poly", "local_window": 4, "chunk_size": 8},
+                "c": {"method": "conv", "conv_k": 4}}
+    hf_fastattn.configure(model, guard="off", plan=_round_robin_plan(cfg, settings))
+    model.train()
+    x = _tokens(2, 40, 5)
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    model.eval()
+    gen = model.generate(x[:, :16], attention_mask=torch.ones_like(x[:, :16]), max_new_tokens=6, do_sample=False)
+    assert gen.shape == (2, 22)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_mixed_plan_of_exact_equivalents_equals_eager(family):
+    """Every setting is exact by construction (band / basis covering all tokens): the grouping, the partial
+    GQA groups and the scatter back must then reproduce eager attention."""
+    cfg = tiny_config(family)
+    ref, model = model_pair(cfg)
+    settings = {"exact": {"method": "exact"}, "p": {"method": "poly", "local_window": 1000},
+                "c": {"method": "conv", "conv_k": 1000}}
+    p = _round_robin_plan(cfg, settings)
+    p["layers"]["0"] = ["p", "exact", "exact", "c"]  # query heads 1 and 2 split their KV heads across groups
+    hf_fastattn.configure(model, plan=p)
+    x = _tokens(2, 40, 6)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    a, b = ref(input_ids=x, attention_mask=mask).logits, model(input_ids=x, attention_mask=mask).logits
+    assert (a - b)[mask.bool()].abs().max().item() < 1e-4
+
+
+def test_plan_roundtrip_and_validation(tmp_path):
+    cfg = tiny_config("llama")
+    _, model = model_pair(cfg)
+    p = _round_robin_plan(cfg, {"exact": {"method": "exact"}, "c": {"method": "conv", "conv_k": 4}})
+    hf_fastattn.configure(model, plan=p)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn")
+    assert hf_fastattn.get_config(loaded.config).plan == p
+    with pytest.raises(ValueError, match="names unknown settings \\['z'\\]"):
+        hf_fastattn.FastAttnConfig(plan={"settings": {}, "layers": {"0": ["z"]}})
+    with pytest.raises(ValueError, match="needs exactly the keys"):
+        hf_fastattn.FastAttnConfig(plan={"layers": {}})
+    with pytest.raises(ValueError, match="unknown option 'methd'"):
+        hf_fastattn.FastAttnConfig(plan={"settings": {"x": {"methd": "poly"}}, "layers": {}})
+    model.config.fastattn_config = {"plan": {"settings": {"e": {}}, "layers": {"0": ["e"] * 3}}}
+    with pytest.raises(ValueError, match="lists 3 heads; the layer has 4"):
+        model(input_ids=_tokens(1, 8, 0))

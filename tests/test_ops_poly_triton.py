@@ -1,0 +1,86 @@
+"""The fused Triton kernels of poly attention, run under TRITON_INTERPRET=1 on CPU (set in conftest.py)
+against the float64 quadratic reference; the `gpu` marker runs them on CUDA, including bf16."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'hf-fastattn[test]')")
+
+from hf_fastattn.ops.poly import poly_attention  # noqa: E402
+from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
+from hf_fastattn.ops.poly.naive import naive_poly_attention  # noqa: E402
+from hf_fastattn.ops.poly.triton import poly_triton_attention  # noqa: E402
+
+CASES = [
+    pytest.param(1, 2, 1, 40, 40, 16, 0, None, False, id="MQA-T40-D16-W0"),
+    pytest.param(2, 4, 2, 35, 50, 16, 5, 2.0, True, id="GQA-Tq35-Tk50-W5-softcap-pad"),
+    pytest.param(1, 2, 2, 20, 70, 24, 20, None, True, id="T70-D24-W20>C-pad"),
+    pytest.param(1, 1, 1, 33, 33, 60, 3, None, False, id="D60-T33"),
+]
+
+
+def _inputs(b, h, hkv, nq, nk, d, pad, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(b * 1000 + nq * 10 + d)
+    q = torch.randn(b, h, nq, d, generator=g) * 0.5
+    k = torch.randn(b, hkv, nk, d, generator=g) * 0.5
+    v = torch.randn(b, hkv, nk, d, generator=g)
+    valid = None
+    if pad:
+        valid = torch.ones(b, nk, dtype=torch.bool)
+        valid[0, : nk // 4] = False
+        valid[-1, -2:] = False
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)], valid if valid is None else valid.to(device)
+
+
+def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = poly_triton_attention(q, k, v, 0.3, coeffs, band, chunk, softcap, valid)
+    ref = naive_poly_attention(*(t.double() for t in (q, k, v)), 0.3, coeffs, band, softcap, valid)
+    do = torch.randn_like(ref)
+    assert (out.double() - ref).abs().max().item() < tol_out * ref.abs().max().item()
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do.to(out.dtype)), torch.autograd.grad(ref, (q, k, v), do)):
+        assert (a.double() - b).abs().max().item() < tol_grad * b.abs().max().item()
+
+
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES)
+@pytest.mark.parametrize("kind", ["taylor", "fit"])
+def test_triton_matches_naive_interpreted(b, h, hkv, nq, nk, d, band, softcap, pad, kind):
+    (q, k, v), valid = _inputs(b, h, hkv, nq, nk, d, pad)
+    _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2, kind, 2.0), 1e-5, 1e-5)
+
+
+def test_triton_large_logits_finite():
+    (q, k, v), _ = _inputs(1, 2, 2, 48, 48, 16, False)
+    q, k = q * 12, k * 12  # |s q.k| in the hundreds
+    _compare(q, k, v, None, 4, None, 16, poly_coefficients(2), 1e-4, 1e-3)
+
+
+def test_triton_errors_and_dispatch():
+    (q, k, v), _ = _inputs(1, 2, 2, 40, 40, 16, False)
+    with pytest.raises(ValueError, match="implement degree 2"):
+        poly_triton_attention(q, k, v, 0.3, poly_coefficients(4), 0, 16)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 0, 24)
+    # kernel="triton" on CPU tensors runs the interpreted kernels through the public entry point
+    out = poly_attention(q, k, v, 0.3, chunk=16, kernel="triton")
+    assert torch.allclose(out, poly_attention(q, k, v, 0.3, chunk=16, kernel="torch"), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES)
+def test_triton_gpu_fp32(b, h, hkv, nq, nk, d, band, softcap, pad):
+    (q, k, v), valid = _inputs(b, h, hkv, nq, nk, d, pad, device="cuda")
+    _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2), 1e-3, 1e-3)  # tf32 dots
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d", [(1000, 64), (4096, 128)])
+def test_triton_gpu_bf16_vs_torch_error(n, d):
+    """flash-attention's rule: the kernel's bf16 error is at most 2x (3x for gradients) torch's own bf16 error
+    of the same function, against a float64 reference."""
+    (q, k, v), _ = _inputs(1, 4, 2, n, n, d, False, device="cuda")
+    coeffs = poly_coefficients(2)
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), 0.3, coeffs, 64)
+    ours = poly_triton_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3, coeffs, 64, 64)
+    torch_bf16 = naive_poly_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3, coeffs, 64)
+    assert (ours.double() - ref).abs().max() <= 2 * (torch_bf16.double() - ref).abs().max() + 1e-3
