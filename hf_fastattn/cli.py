@@ -8,30 +8,31 @@ import time
 
 
 def _demo(args) -> int:
-    import copy
-
+    """The main job on the embedded default: a shortened headline experiment (about a minute on 2 cores)."""
     import torch
 
     import hf_fastattn
-    from hf_fastattn.testing import model_pair, tiny_config
+    from hf_fastattn.experiment import ExperimentConfig, format_table, run_experiment, save
+    from hf_fastattn.loading import load_model
 
     torch.manual_seed(args.seed)
-    cfg = tiny_config("llama", num_hidden_layers=2)
-    eager, fast = model_pair(cfg, seed=args.seed)
-    x = torch.randint(3, cfg.vocab_size, (2, args.length))
+    model, _ = load_model(args.model)
+    eager, _ = load_model(args.model, attn="eager")
+    x = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(args.seed))
+    hf_fastattn.configure(model, method="exact")
     with torch.no_grad():
-        ref = eager(input_ids=x).logits
-    print(f"tiny random Llama ({sum(p.numel() for p in eager.parameters()) / 1e6:.2f}M params), "
-          f"B=2, N={args.length}: fastattn vs eager")
-    print(f"{'method':<28}{'max |logit diff|':>18}{'time (ms)':>12}")
-    for name, options in [("exact", {"method": "exact"})]:
-        model = copy.deepcopy(fast)
-        hf_fastattn.configure(model, replace=True, **options)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(input_ids=x).logits
-        ms = (time.perf_counter() - t0) * 1e3
-        print(f"{name:<28}{(out - ref).abs().max().item():>18.3e}{ms:>12.1f}")
+        diff = (model(input_ids=x).logits - eager(input_ids=x).logits).abs().max().item()
+    print(f"plumbing check on {args.model}: fastattn(exact) vs eager, max |logit diff| = {diff:.2e}")
+    cfg = ExperimentConfig(model=args.model, arms=args.arms.split(","), steps=args.steps, seq_len=args.seq_len,
+                           batch_size=4, eval_tokens=args.eval_tokens, long_factor=2, passkey_trials=2,
+                           passkey_depths=(0.2,), seed=args.seed)
+    print(f"shortened headline experiment: arms {cfg.arms}, {cfg.steps} fine-tuning steps each "
+          f"(full version: python scripts/headline.py)")
+    results = run_experiment(cfg)
+    print()
+    print(format_table(results))
+    save(results, __import__("pathlib").Path(args.out))
+    print(f"wrote {args.out}/results.json")
     return 0
 
 
@@ -83,8 +84,13 @@ def _diagnose(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fastattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a model through fastattn and compare with eager attention")
-    demo.add_argument("--length", type=int, default=256, help="sequence length of the demo batch")
+    demo = sub.add_parser("demo", help="shortened headline experiment on the embedded model (about a minute)")
+    demo.add_argument("--model", default="embedded", help="'embedded' or a model path")
+    demo.add_argument("--arms", default="exact,poly,band", help="comma list of exact, poly, band, conv, plan")
+    demo.add_argument("--steps", type=int, default=8, help="fine-tuning steps per arm")
+    demo.add_argument("--seq-len", type=int, default=256, help="training length")
+    demo.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per perplexity")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
 

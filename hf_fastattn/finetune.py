@@ -155,7 +155,9 @@ def _latest_checkpoint(out: Path):
     return ckpts[-1] if ckpts else None
 
 
-def run(args) -> dict:
+def run(args, fastattn_override: dict | None = None) -> dict:
+    """Fine-tune; returns the metrics (and the trained model under "model"). `fastattn_override` replaces the
+    fastattn options of the command line (used by the headline experiment)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -171,8 +173,9 @@ def run(args) -> dict:
     set_seed(args.seed)
     out = Path(args.output_dir)
     model, tokenizer = load_model(args.model, attn=args.attn)
+    options = fastattn_override if fastattn_override is not None else fastattn_options(args)
     if args.attn == "fastattn":
-        hf_fastattn.configure(model, replace=True, **fastattn_options(args))
+        hf_fastattn.configure(model, replace=True, **options)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -201,7 +204,7 @@ def run(args) -> dict:
         acc.print(f"resumed from {resume} at step {step}")
     world = acc.num_processes
     acc.print(f"world size {world} ({acc.distributed_type}), {len(train)} training rows of {args.seq_len} tokens, "
-              f"attn={args.attn} {fastattn_options(args) if args.attn == 'fastattn' else ''}")
+              f"attn={args.attn} {options if args.attn == 'fastattn' else ''}")
     stats.reset()
 
     def evaluate():

@@ -68,3 +68,63 @@ def model_pair(config, attn: str = "fastattn", reference: str = "eager", seed: i
     new = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn, dtype=dtype)
     new.load_state_dict(ref.state_dict())
     return ref.eval(), new.eval()
+
+
+def shrink_logits(model, factor: float) -> None:
+    """Scale every attention logit by factor**2 (q/k projections, or the q/k norms that follow them)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(factor)
+            elif "q_norm" in name or "k_norm" in name:
+                if model.config.model_type.startswith("gemma"):  # Gemma's RMSNorm multiplies by (1 + w)
+                    p.copy_((1 + p) * factor - 1)
+                else:
+                    p.mul_(factor)
+
+
+def packing_error(model, lengths, seed: int = 0, flash_kwargs: bool = True) -> float:
+    """Largest |logit| difference between sequences packed with `DataCollatorWithFlattening` and the same
+    sequences run one by one (0 up to rounding when nothing crosses a boundary)."""
+    from transformers import DataCollatorWithFlattening
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        worst, start = 0.0, 0
+        for s in seqs:
+            alone = model(input_ids=torch.tensor([s])).logits[0]
+            worst = max(worst, (alone - packed[start : start + len(s)]).abs().max().item())
+            start += len(s)
+    return worst
+
+
+class LargestTensor:
+    """Context manager recording the largest tensor (in elements) any torch op produces inside it: tests use
+    it to assert memory structure (no N x N or N x r intermediate)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor):
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False

@@ -8,9 +8,10 @@ asset `hf_fastattn/assets/tiny-llama-bytes`, which `hf-fastattn demo` and the te
 
     python scripts/train_tiny.py --minutes 40            # what made the shipped checkpoint (2 CPU cores)
 
-Copying is taught with a curriculum: the distance between the two copies of a passage grows from a few
-bytes to most of the row over the first `--curriculum` fraction of the steps; half of the passages are
-random letters (only copying predicts them), half are real text.
+Copying is taught with a curriculum over the first `--curriculum` fraction of the run: it starts with
+induction rows (a random string repeated over the whole row, every later byte predictable only by copying,
+the period growing), which give way to natural text in which a passage recurs 2-4 times with gaps growing to
+most of the row (60 % random letters, 40 % real text).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_fastattn.data import BOS, EOS, PAD, VOCAB, byte_tokenizer, copy_probe, copy_row, encode, stdlib_text
+from hf_fastattn.data import BOS, EOS, LETTERS, PAD, VOCAB, byte_tokenizer, copy_probe, copy_row, encode, stdlib_text
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "hf_fastattn" / "assets" / "tiny-llama-bytes"
 
@@ -45,15 +46,31 @@ def build_config(args):
 
 
 def sample_batch(text: np.ndarray, args, progress: float, rng: random.Random) -> torch.Tensor:
-    """Rows of `--seq-len` bytes: natural text, or text with a passage repeated at a curriculum distance."""
+    """Rows of `--seq-len` bytes: natural text, or text in which a passage recurs 2-4 times, the gaps growing
+    with the curriculum (so that most of a copy row's later passages are predictable only by copying)."""
     rows = []
     frac = min(1.0, progress / args.curriculum)
     for _ in range(args.batch):
-        if rng.random() < args.copy_fraction:
-            passage = rng.randint(16, 64)
-            far = int(16 + frac * (args.seq_len - passage - 16))
-            distance = rng.randint(passage, max(passage, far))
-            row, _, _ = copy_row(text, args.seq_len, passage, distance, rng, random_passage=rng.random() < 0.5)
+        if rng.random() < args.copy_fraction and rng.random() < max(0.2, 1.0 - frac):
+            # induction warm-up: a random string repeated over the whole row (every later byte is copyable),
+            # the period growing with the curriculum
+            period = rng.randint(8, int(16 + frac * (args.seq_len // 2 - 16)))
+            letters = LETTERS if rng.random() < 0.7 else np.arange(32, 127, dtype=np.uint8)
+            s = letters[np.array([rng.randrange(len(letters)) for _ in range(period)])]
+            row = np.resize(s, args.seq_len)
+        elif rng.random() < args.copy_fraction:
+            passage = rng.randint(24, 96)
+            repeats = rng.randint(2, 4)
+            room = args.seq_len - repeats * passage
+            gap_max = max(0, min(room // (repeats - 1), int(8 + frac * room)))
+            row, first, _ = copy_row(text, args.seq_len, passage, passage, rng, random_passage=rng.random() < 0.6)
+            p = row[first : first + passage].copy()
+            row = text[(o := rng.randrange(0, len(text) - args.seq_len)) : o + args.seq_len].copy()
+            gaps = [rng.randint(0, gap_max) for _ in range(repeats - 1)]
+            pos = rng.randint(0, max(0, room - sum(gaps)))
+            for r in range(repeats):
+                row[pos : pos + passage] = p
+                pos += passage + (gaps[r] if r < repeats - 1 else 0)
         else:
             off = rng.randrange(0, len(text) - args.seq_len)
             row = text[off : off + args.seq_len]
@@ -69,7 +86,7 @@ def evaluate(model, heldout: np.ndarray, args) -> dict:
     x = torch.tensor(np.stack([heldout[o : o + args.seq_len] for o in offs]), dtype=torch.long)
     text_loss = float(model(input_ids=x, labels=x).loss)
     out = {"heldout_nats_per_byte": text_loss}
-    for distance in (args.seq_len // 2, args.seq_len - 64):
+    for distance in (64, args.seq_len // 2, args.seq_len - 64):
         ids, m1, m2 = copy_probe(heldout, 16, args.seq_len, 48, distance, seed=7)
         logits = model(input_ids=ids).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

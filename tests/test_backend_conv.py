@@ -5,11 +5,10 @@ import warnings
 
 import pytest
 import torch
-from transformers import DataCollatorWithFlattening
 
 import hf_fastattn
 from hf_fastattn import backend
-from hf_fastattn.testing import FAMILIES, model_pair, tiny_config
+from hf_fastattn.testing import FAMILIES, model_pair, packing_error, tiny_config
 
 N = 40
 
@@ -55,15 +54,7 @@ def test_k_at_least_n_equals_eager(family):
 
 def test_packing_with_conv():
     _, model = _conv_pair("llama", conv_k=3)
-    seqs = [_tokens(1, n, 10 + i)[0].tolist() for i, n in enumerate([17, 25])]
-    batch = DataCollatorWithFlattening()([{"input_ids": s} for s in seqs])
-    batch.pop("labels")
-    packed = model(**batch).logits[0]
-    start = 0
-    for s in seqs:
-        alone = model(input_ids=torch.tensor([s])).logits[0]
-        assert (alone - packed[start : start + len(s)]).abs().max().item() < 1e-4
-        start += len(s)
+    assert packing_error(model, [17, 25], flash_kwargs=False) < 1e-4
 
 
 def test_decode_without_prefill_state_is_exact_and_says_so():

@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
-from transformers import DataCollatorWithFlattening
 
 import hf_fastattn
 from hf_fastattn import backend
 from hf_fastattn.ops.poly import guard_stats, poly_coefficients
-from hf_fastattn.testing import FAMILIES, model_pair, tiny_config
+from hf_fastattn.testing import FAMILIES, model_pair, packing_error, shrink_logits, tiny_config
 
 N = 70  # several chunks of 8
 
@@ -21,23 +20,10 @@ def _tokens(b, n, seed):
     return torch.randint(3, 97, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _shrink_logits(model, factor):
-    """Scale every attention logit by factor**2 (q/k projections, or the q/k norms that follow them)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(factor)
-            elif "q_norm" in name or "k_norm" in name:
-                if model.config.model_type.startswith("gemma"):  # Gemma RMSNorm multiplies by (1 + w)
-                    p.copy_((1 + p) * factor - 1)
-                else:
-                    p.mul_(factor)
-
-
 def _poly_pair(family, factor=1.0, **options):
     ref, new = model_pair(tiny_config(family))
-    _shrink_logits(ref, factor)
-    _shrink_logits(new, factor)
+    shrink_logits(ref, factor)
+    shrink_logits(new, factor)
     hf_fastattn.configure(new, method="poly", chunk_size=8, **({"guard": "off"} | options))
     return ref, new
 
@@ -95,15 +81,7 @@ def test_padding_is_exact_property():
 
 def test_packing_resets_state():
     _, model = _poly_pair("qwen2", local_window=2)
-    seqs = [_tokens(1, n, 10 + i)[0].tolist() for i, n in enumerate([30, 19, 41])]
-    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
-    batch.pop("labels")
-    packed = model(**batch).logits[0]
-    start = 0
-    for s in seqs:
-        alone = model(input_ids=torch.tensor([s])).logits[0]
-        assert (alone - packed[start : start + len(s)]).abs().max().item() < 1e-4
-        start += len(s)
+    assert packing_error(model, [30, 19, 41]) < 1e-4
 
 
 def test_cached_decode_equals_recomputation():

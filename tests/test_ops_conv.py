@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from hf_fastattn.testing import LargestTensor
 from hf_fastattn.ops.conv import (
     DenseColumns,
     ScoreColumns,
@@ -212,23 +212,10 @@ def test_wide_logits_are_finite_and_correct(std):
         assert state.direct_rows > 0
 
 
-class _Sizes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_memory_is_linear_in_n():
     n, d, kb = 2048, 8, 4
     q, k, v = (t.float().requires_grad_() for t in _qkv(1, 2, 2, n, d, std=0.3))
-    with _Sizes() as sizes:
+    with LargestTensor() as sizes:
         out = conv_attention(q, k, v, 0.3, k_bases=kb)
         out.sum().backward()
     assert sizes.largest <= 2 * 2 * kb * fast_length(2 * n) * (d + 1) < n * n / 4

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from hf_fastattn.testing import LargestTensor
 from hf_fastattn.ops.exact import naive_attention
 from hf_fastattn.ops.poly import poly_attention
 from hf_fastattn.ops.poly.chunk import poly_chunk_attention, poly_direct_attention
@@ -234,25 +234,12 @@ def test_rope_fidelity(band):
 
 
 # ------------------------------------------------------------------------------ memory structure
-class _Sizes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_tensor_grows_like_n_squared_or_n_r():
     """Forward + backward hold O(N D + C r) per head: no N^2 and no N * r intermediate."""
     n, d, chunk = 4096, 16, 64
     q, k, v = (t.float().requires_grad_() for t in _qkv(1, 2, 2, n, n, d, std=0.5))
     r = FeatureMap.get(d, 2).r
-    with _Sizes() as sizes:
+    with LargestTensor() as sizes:
         out = poly_chunk_attention(q, k, v, 0.25, poly_coefficients(2), 8, chunk)
         out.sum().backward()
     allowed = 2 * max(2 * chunk * r, 2 * n * (d + 1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import acc_dtype, dense_mask, group_queries, key_range, repeat_kv, visible
+from .masks import acc_dtype, check_qkv, dense_mask, group_queries, key_range, repeat_kv, visible
 from .stats import count
 
 # Scores per block: B * H * rows * keys <= this many elements (~128 MiB in float32).
@@ -36,6 +36,16 @@ def _block_rows(b: int, h: int, nk: int, block: int) -> int:
         return block
     rows = _BLOCK_ELEMENTS // max(1, b * h * nk)
     return int(max(16, min(4096, rows)))
+
+
+def _row_blocks(nq, nk, b, h, causal, window, block):
+    """(r0, r1, lo, hi): query rows [r0, r1) and the key slots [lo, hi) they can see, skipping empty blocks."""
+    c = _block_rows(b, h, nk, block)
+    for r0 in range(0, nq, c):
+        r1 = min(nq, r0 + c)
+        lo, hi = key_range(r0, r1, nk - nq, nk, causal, window)
+        if hi > lo:
+            yield r0, r1, lo, hi
 
 
 def _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dtype):
@@ -70,12 +80,7 @@ def _exact_fwd(q, k, v, scale, causal, window, softcap, kv_valid, block):
     q5 = group_queries(q, hkv)
     out = torch.zeros(b, hkv, g, nq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((b, hkv, g, nq), float("inf"), dtype=dt, device=q.device)
-    c = _block_rows(b, h, nk, block)
-    for r0 in range(0, nq, c):
-        r1 = min(nq, r0 + c)
-        lo, hi = key_range(r0, r1, q_start, nk, causal, window)
-        if hi <= lo:
-            continue
+    for r0, r1, lo, hi in _row_blocks(nq, nk, b, h, causal, window, block):
         s, _ = _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dt)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
@@ -98,12 +103,7 @@ def _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, 
     dq = torch.zeros(b, hkv, g, nq, d, dtype=dt, device=q.device)
     dk = torch.zeros(b, hkv, nk, d, dtype=dt, device=q.device)
     dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=dt, device=q.device)
-    c = _block_rows(b, h, nk, block)
-    for r0 in range(0, nq, c):
-        r1 = min(nq, r0 + c)
-        lo, hi = key_range(r0, r1, q_start, nk, causal, window)
-        if hi <= lo:
-            continue
+    for r0, r1, lo, hi in _row_blocks(nq, nk, b, h, causal, window, block):
         rows = g * (r1 - r0)
         s, t = _block_scores(q5, k, r0, r1, lo, hi, q_start, scale, causal, window, softcap, kv_valid, dt)
         p = torch.exp(s - lse[:, :, :, r0:r1].reshape(b, hkv, rows, 1))
@@ -162,8 +162,7 @@ def exact_attention(
     Returns:
         [B, H, Nq, D]; rows that see no key are 0.
     """
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries must be the last key positions")
+    check_qkv(q, k, v)
     if kv_valid is not None:
         kv_valid = kv_valid.to(device=q.device, dtype=torch.bool)
     return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block)

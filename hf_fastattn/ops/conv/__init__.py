@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..masks import check_qkv
 from .basis import DenseColumns, ScoreColumns, placed_starts, recover, search_starts
 from .fft import conv_fft_apply, direct_rows
 from .naive import conv_matrix, conv_sum, dense_scores, naive_conv_attention
@@ -35,13 +36,6 @@ class ConvState:
     basis_keys: torch.Tensor  # [B, Hkv, H/Hkv * k, D]: the keys at the basis columns (a consistency check)
     fingerprint: torch.Tensor  # [B, Hkv, D]: a position-weighted sum of all keys seen (consistency check)
     direct_rows: int = 0  # rows the FFT could not resolve, computed directly (numerics report)
-
-
-def _check(q, k, v):
-    if q.dim() != 4 or k.dim() != 4 or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B, H, Nq, D], k and v [B, Hkv, Nk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
 def _compaction(kv_valid, b, n, device):
@@ -103,7 +97,7 @@ def conv_attention(
     Returns:
         out [B, H, N, D] (and the state). Cost O(k N D log N) time, O(k N + N D) memory per head.
     """
-    _check(q, k, v)
+    check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError("conv_attention needs Nq == Nk (use conv_decode with a ConvState for later rows)")
     if k_bases < 1:
@@ -141,7 +135,7 @@ def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None):
 
     q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache). Returns (out, new state).
     """
-    _check(q, k, v)
+    check_qkv(q, k, v)
     b, h, nq, _ = q.shape
     perm, lengths = _compaction(kv_valid, b, k.shape[2], k.device)
     kc, vc = _gather_seq(k, perm), _gather_seq(v, perm)

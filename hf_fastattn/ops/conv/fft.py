@@ -58,8 +58,8 @@ def basis_rows(cum, starts, lengths, rows_b, rows_h, rows_i, n):
     seg_r = seg[rows_b, hs]  # [R, n]
     j = torch.arange(n, device=cum.device)
     delta = (rows_i[:, None] - j[None, :]).clamp_min(0)
-    table = cum[rows_b, rows_h].flatten(1)  # [R, k * N]
-    scores = table.gather(1, seg_r.clamp_min(0) * cum.shape[-1] + delta)  # cum[seg(j), i - j]
+    # cum[b, h, seg(j), i - j] by advanced indexing: [R, n], never the [R, k, N] table
+    scores = cum[rows_b[:, None], rows_h[:, None], seg_r.clamp_min(0), delta]
     keep = (j[None, :] <= rows_i[:, None]) & (seg_r >= 0)
     return scores.masked_fill(~keep, float("-inf"))
 

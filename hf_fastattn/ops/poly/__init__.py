@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import check_qkv
 from .chunk import poly_chunk_attention, poly_direct_attention
 from .features import FeatureMap, check_feature_count, poly_coefficients
 from .guard import GuardStats, guard_stats
@@ -51,12 +52,7 @@ def poly_attention(
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
     """
-    if q.dim() != 4 or k.dim() != 4 or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B, H, Nq, D], k and v [B, Hkv, Nk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries must be the last key positions")
+    check_qkv(q, k, v)
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton'; got {kernel!r}")
     c = poly_coefficients(degree, coeffs, fit_range)

@@ -82,6 +82,12 @@ def _values(v, valid, sl, dt):
     return _with_ones(v[:, :, sl].to(dt)) * valid[:, None, sl, None]
 
 
+def _add_chunk(state, fmap, k, v, valid, j, c, dt):
+    """state += phi(k_j)^T [v_j, 1] for key chunk j (one [r, C] x [C, D+1] product)."""
+    ks = slice(j * c, (j + 1) * c)
+    state += fmap(k[:, :, ks].to(dt)).transpose(-1, -2) @ _values(v, valid, ks, dt)
+
+
 class _Layout:
     """Chunk geometry of padded inputs: key slots [0, nc*C), queries in chunks c0..nc-1."""
 
@@ -132,8 +138,7 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
     for c in range(lay.nc):
         j = c - lay.lag - 1
         if j >= 0:  # chunk j becomes far for every later query chunk
-            ks = slice(j * c_, (j + 1) * c_)
-            state += fmap(k[:, :, ks].to(dt)).transpose(-1, -2) @ _values(v, valid, ks, dt)
+            _add_chunk(state, fmap, k, v, valid, j, c_, dt)
         if c < lay.c0:
             continue
         qi = slice((c - lay.c0) * c_, (c - lay.c0 + 1) * c_)
@@ -178,8 +183,7 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
     for c in range(lay.nc):
         j = c - lay.lag - 1
         if j >= 0:
-            ks = slice(j * c_, (j + 1) * c_)
-            state += fmap(k[:, :, ks].to(dt)).transpose(-1, -2) @ _values(v, valid, ks, dt)
+            _add_chunk(state, fmap, k, v, valid, j, c_, dt)
         if c < lay.c0:
             continue
         qi = slice((c - lay.c0) * c_, (c - lay.c0 + 1) * c_)
@@ -239,16 +243,21 @@ def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None,
     Pads the key slots on the left (so the first query starts a chunk) and both on the right (to whole
     chunks) with invalid slots; the padding is sliced off the result.
     """
+    qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
+    out = PolyChunkFunction.apply(qp, kp, vp, valid, float(scale), tuple(coeffs), int(band), int(chunk), softcap)
+    return out[:, :, : q.shape[2]]
+
+
+def pad_to_chunks(q, k, v, kv_valid, chunk):
+    """Invalid key slots on the left (so the first query starts a chunk) and on both right ends (whole
+    chunks): (q, k, v) padded and contiguous, and the [B, Nk'] validity of the slots."""
     nq, nk = q.shape[2], k.shape[2]
     left = (-(nk - nq)) % chunk
     right = (-(left + nk)) % chunk
     valid = torch.ones(k.shape[0], nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
     valid = F.pad(valid, (left, right), value=False)
     kp, vp = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
-    qp = F.pad(q, (0, 0, 0, right))
-    out = PolyChunkFunction.apply(qp.contiguous(), kp.contiguous(), vp.contiguous(), valid, float(scale),
-                                  tuple(coeffs), int(band), int(chunk), softcap)
-    return out[:, :, :nq]
+    return F.pad(q, (0, 0, 0, right)).contiguous(), kp.contiguous(), vp.contiguous(), valid
 
 
 def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None):

@@ -24,13 +24,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..masks import acc_dtype
 from ..stats import count
-from .chunk import far_log_bound, has_far_key
+from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
 BA = 8  # coordinates per feature block: a tile holds BA * BA = 64 features
 
@@ -134,6 +133,20 @@ def _pair_features(xa, xb, BT: tl.constexpr, BA_: tl.constexpr):
 
 
 @triton.jit
+def _key_chunk(KA, V, VALID, k_base, v_base, o_k, s_kn, s_vn, valid_base, a0, b0, o_v, DV: tl.constexpr,
+               BT: tl.constexpr, BA_: tl.constexpr, ONES: tl.constexpr):
+    """One key chunk of a tile: coordinate blocks, validity, features (zero on padded slots) and the values
+    (with the denominator's column of ones at index DV when ONES)."""
+    ka, kb = _load_pair(KA, k_base, o_k, s_kn, a0, b0, BA_)
+    valid = (tl.load(VALID + valid_base + o_k) > 0).to(tl.float32)
+    fk = _pair_features(ka, kb, BT, BA_) * valid[:, None]
+    b_v = tl.load(V + v_base + o_k[:, None] * s_vn + o_v[None, :], mask=o_v[None, :] < DV, other=0.0).to(tl.float32)
+    if ONES:
+        b_v = tl.where(o_v[None, :] == DV, 1.0, b_v)
+    return ka, kb, valid, fk, b_v
+
+
+@triton.jit
 def _far_fwd(
     QA, KA, V, VALID, TA, TB, NF,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_nb, s_nh, s_nn,
@@ -153,12 +166,8 @@ def _far_fwd(
     for c in range(0, NC):
         j = c - LAG - 1
         if j >= 0:  # chunk j turns far for every later query chunk
-            o_k = j * BT + o_t
-            ka, kb = _load_pair(KA, i_b * s_kb + i_hk * s_kh, o_k, s_kn, a0, b0, BA_)
-            valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-            fk = _pair_features(ka, kb, BT, BA_) * valid[:, None]
-            b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_dv[None, :],
-                          mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
+            _, _, _, fk, b_v = _key_chunk(KA, V, VALID, i_b * s_kb + i_hk * s_kh, i_b * s_vb + i_hk * s_vh, j * BT + o_t,
+                                          s_kn, s_vn, i_b * NK, a0, b0, o_dv, DV, BT, BA_, False)
             b_s += tl.dot(tl.trans(fk), b_v)
             b_sd += tl.sum(fk, 0)
             if c >= C0:
@@ -244,13 +253,8 @@ def _far_bwd_dq(
     for c in range(0, NC):
         j = c - LAG - 1
         if j >= 0:
-            o_k = j * BT + o_t
-            ka, kb = _load_pair(KA, i_b * s_kb + i_hk * s_kh, o_k, s_kn, a0, b0, BA_)
-            valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-            fk = _pair_features(ka, kb, BT, BA_) * valid[:, None]
-            b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_p[None, :], mask=o_p[None, :] < DV,
-                          other=0.0).to(tl.float32)
-            b_v = tl.where(o_p[None, :] == DV, 1.0, b_v)  # [v, 1]
+            _, _, _, fk, b_v = _key_chunk(KA, V, VALID, i_b * s_kb + i_hk * s_kh, i_b * s_vb + i_hk * s_vh, j * BT + o_t,
+                                          s_kn, s_vn, i_b * NK, a0, b0, o_p, DV, BT, BA_, True)
             b_s += tl.dot(tl.trans(fk), b_v)
             if c >= C0:
                 rows = (c - C0) * BT + o_t
@@ -296,12 +300,9 @@ def _far_bwd_dkv(
                                mask=o_p[None, :] <= DV, other=0.0)
                 b_u += tl.dot(tl.trans(fq), b_dn)
         o_k = j * BT + o_t
-        ka, kb = _load_pair(KA, i_b * s_kb + i_hk * s_kh, o_k, s_kn, a0, b0, BA_)
-        valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-        fk = _pair_features(ka, kb, BT, BA_) * valid[:, None]
-        b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_p[None, :], mask=o_p[None, :] < DV,
-                      other=0.0).to(tl.float32)
-        b_v = tl.where(o_p[None, :] == DV, 1.0, b_v) * valid[:, None]
+        ka, kb, valid, fk, b_v = _key_chunk(KA, V, VALID, i_b * s_kb + i_hk * s_kh, i_b * s_vb + i_hk * s_vh, o_k,
+                                            s_kn, s_vn, i_b * NK, a0, b0, o_p, DV, BT, BA_, True)
+        b_v = b_v * valid[:, None]
         tl.atomic_add(DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_p[None, :], tl.dot(fk, b_u),
                       mask=o_p[None, :] < DV)
         gk = tl.dot(b_v, tl.trans(b_u))  # [BT, BA^2]
@@ -405,13 +406,8 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     c0, c1, c2 = (float(c) for c in coeffs)
     if c2 <= 0:
         raise ValueError("the Triton kernels need a positive leading coefficient")
-    nq, nk = q.shape[2], k.shape[2]
-    left = (-(nk - nq)) % chunk
-    right = (-(left + nk)) % chunk
-    valid = torch.ones(k.shape[0], nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
-    valid = F.pad(valid, (left, right), value=False)
-    kp, vp = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
-    qp = F.pad(q, (0, 0, 0, right))
+    nq = q.shape[2]
+    qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
     b, h, nqp, d = qp.shape
     hkv, nkp = kp.shape[1], kp.shape[2]
     dt = acc_dtype(q.dtype)
@@ -424,7 +420,7 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     gamma = c0 - c1 * c1 / (4 * c2)
     qa, ka = augment(qp, scale, delta, True), augment(kp, scale, delta, False)
     valid_i = valid.to(torch.int32).contiguous()
-    nd, nf, m = PolyTritonFunction.apply(qp.contiguous(), kp.contiguous(), vp.contiguous(), qa, ka, valid_i,
+    nd, nf, m = PolyTritonFunction.apply(qp, kp, vp, qa, ka, valid_i,
                                          bound.float().contiguous(), hasfar, float(scale), (c0, c1, c2), int(band),
                                          int(chunk), softcap)
     # constant part gamma sum_j [v_j, 1] over the chunks in the state (chunks <= c - lag - 1), in torch
