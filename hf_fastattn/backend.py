@@ -12,7 +12,6 @@ so that no method lets state or attention cross a sequence boundary.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import partial
 from typing import Callable
@@ -21,8 +20,6 @@ import torch
 
 from .config import get_config
 from .ops.exact import exact_attention
-
-logger = logging.getLogger("hf_fastattn")
 
 # method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module) -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}

@@ -50,6 +50,12 @@ def _method_fn(name: str, args):
         band = int(extra.get("band", args.band))
         chunk = int(extra.get("chunk", args.chunk))
         kernel = extra.get("kernel", args.kernel)
+        if "tile" in extra:  # the Triton kernels' feature-block size, a tuning knob of the benchmark only
+            from .ops.poly.features import poly_coefficients
+            from .ops.poly.triton import poly_triton_attention
+
+            c, tile = poly_coefficients(degree), int(extra["tile"])
+            return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile)
         return lambda q, k, v: poly_attention(q, k, v, scale, degree=degree, band=band, chunk=chunk, kernel=kernel)
     if base == "conv":
         from .ops.conv import conv_attention
@@ -214,7 +220,7 @@ def run(args) -> dict:
                     continue
                 try:
                     sec, peak, finite = measure(fn, q, k, v, mode, args.repeats, args.warmup)
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+                except Exception as err:  # OOM, or a kernel that does not compile for this shape: record it
                     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                     skip.add((method, mode))
                     results.append(row)
@@ -292,7 +298,8 @@ def plot(report, path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="sdpa,exact,poly", help="comma list: sdpa, flash, exact, poly[:degree=2,band=0,chunk=128], conv[:k=16]")
+    p.add_argument("--methods", default="sdpa,exact,poly", help="comma list (or + list when a spec has commas): sdpa, flash, exact, "
+                   "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16], conv[:k=16,placement=even]")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--batch", type=int, default=1, help="batch size B")

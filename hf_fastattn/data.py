@@ -26,8 +26,9 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
 
 # ------------------------------------------------------------------------------------------ corpus
 @lru_cache(maxsize=4)
-def stdlib_files() -> tuple[Path, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_files(root: str | None = None) -> tuple[Path, ...]:
+    """The library's .py files (tests, idlelib, site-packages... excluded), from `root` or this interpreter's."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py")) if not (set(p.relative_to(root).parts[:-1]) & _SKIP_DIRS)]
     return tuple(files)
 
@@ -37,12 +38,13 @@ def _split_of(path: Path) -> str:
     return "heldout" if digest % 10 == 0 else "train"
 
 
-def stdlib_text(split: str = "train", max_bytes: int | None = None) -> str:
-    """Concatenated source files of one split ("train" ~90 %, "heldout" ~10 %), files separated by a blank line."""
+def stdlib_text(split: str = "train", max_bytes: int | None = None, root: str | None = None) -> str:
+    """Concatenated source files of one split ("train" ~90 %, "heldout" ~10 %), files separated by a blank line.
+    `root` reads another copy of a standard library (to train elsewhere on the same text)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     parts, size = [], 0
-    for path in stdlib_files():
+    for path in stdlib_files(root):
         if _split_of(path) != split:
             continue
         try:

@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=4, help="eval micro-batches")
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the latest in --output-dir")
+    p.add_argument("--stop-at", type=int, default=0, help="end this run at this step (the schedule still spans --steps; resume later)")
     p.add_argument("--output-dir", default="runs/finetune", help="checkpoints, final model and metrics.json")
     p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
     p.add_argument("--seed", type=int, default=0, help="seed (model init, data order)")
@@ -104,6 +105,8 @@ class PackedRows(torch.utils.data.Dataset):
         if len(self.rows) == 0:
             raise ValueError(f"the data has {len(stream)} tokens, fewer than one row of --seq-len {seq_len}")
         self.stream, self.seq_len, self.copy_fraction, self.seed = stream, seq_len, copy_fraction, seed
+        if copy_fraction and stream.max() < 256:  # byte-level ids: copy_row works on uint8 text
+            self.stream = stream.astype(np.uint8)
 
     def __len__(self):
         return len(self.rows)
@@ -117,10 +120,27 @@ class PackedRows(torch.utils.data.Dataset):
             rng = random.Random(self.seed * 100003 + i)
             passage = rng.randint(16, 64)
             distance = rng.randint(passage, self.seq_len - passage)
-            row, _, _ = copy_row(self.stream.astype(np.uint8) if self.stream.max() < 256 else self.stream,
-                                 self.seq_len, passage, distance, rng, random_passage=rng.random() < 0.5)
+            row, _, _ = copy_row(self.stream, self.seq_len, passage, distance, rng, random_passage=rng.random() < 0.5)
             return {"input_ids": torch.as_tensor(row, dtype=torch.long)}
         return {"input_ids": self.rows[i]}
+
+
+class Shuffled(torch.utils.data.Dataset):
+    """A fixed permutation per epoch, seeded from (seed, epoch): the data order is a pure function of the step,
+    so a resumed run skips exactly the batches the interrupted one consumed (no sampler RNG to restore)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.order[i])]
 
 
 def build_data(args, tokenizer):
@@ -186,8 +206,8 @@ def run(args, fastattn_override: dict | None = None) -> dict:
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                  task_type="CAUSAL_LM"))
     train, evald = build_data(args, tokenizer)
-    gen = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
+    train = Shuffled(train, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=False, drop_last=True)
     eval_loader = torch.utils.data.DataLoader(evald, batch_size=args.batch_size, shuffle=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -219,17 +239,22 @@ def run(args, fastattn_override: dict | None = None) -> dict:
         model.train()
         return float(torch.cat(losses).mean()) if losses else float("nan")
 
+    if args.eval_every and step == 0:
+        evals.append({"step": 0, "eval_loss": evaluate()})
     model.train()
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not acc.is_main_process, desc="finetune")
     t0 = time.time()
-    epoch = 0
-    data_iter = iter(_skip(loader, step * args.grad_accum))
-    while step < args.steps:
+    per_epoch = len(loader)
+    epoch, skip = divmod(step * args.grad_accum, max(1, per_epoch))
+    train.set_epoch(epoch)
+    data_iter = iter(_skip(loader, skip))
+    last = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    while step < last:
         try:
             batch = next(data_iter)
         except StopIteration:
             epoch += 1
-            loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+            train.set_epoch(epoch)
             data_iter = iter(loader)
             continue
         with acc.accumulate(model):
@@ -280,7 +305,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
 
 
 def _skip(loader, n):
-    """The loader with its first n batches skipped (deterministic resume within the first epoch)."""
+    """The loader with its first n batches skipped (resume inside an epoch)."""
     for i, batch in enumerate(loader):
         if i >= n:
             yield batch

@@ -1,6 +1,7 @@
 """Test-suite set-up.
 
-* `TRITON_INTERPRET=1` before anything imports Triton, so the Triton kernels run on CPU tensors.
+* `TRITON_INTERPRET=1` before anything imports Triton when there is no GPU, so the Triton kernels run on CPU
+  tensors (with a GPU they compile; set TRITON_INTERPRET=1 yourself to interpret there too).
 * `torch.empty` / `empty_like` return NaN-filled tensors (floating dtypes), so that an op that forgets to
   write part of its output fails loudly instead of passing on whatever memory held (fla's trick).
 * `gpu` marked tests are skipped without CUDA.
@@ -8,13 +9,15 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 _empty, _empty_like = torch.empty, torch.empty_like
 

