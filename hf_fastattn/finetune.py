@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (accelerate mixed precision)")
+    p.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present (implied without one)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -189,7 +190,10 @@ def run(args, fastattn_override: dict | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    acc = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no")
+    # cpu=True without a GPU: accelerate then turns torchrun's WORLD_SIZE > 1 into gloo data parallelism
+    # (with cpu=False it silently trains one copy per process)
+    acc = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
+                      cpu=args.cpu or not torch.cuda.is_available())
     set_seed(args.seed)
     out = Path(args.output_dir)
     model, tokenizer = load_model(args.model, attn=args.attn)

@@ -128,7 +128,8 @@ def test_cli_bench_json_schema(tmp_path):
 
 
 def test_cli_demo(tmp_path):
-    out = _cli("demo", "--steps", "2", "--seq-len", "128", "--eval-tokens", "1024", "--out", str(tmp_path))
-    assert "plumbing check" in out and "ppl@128" in out and "poly" in out and "band" in out
+    # 160 > the default chunk of 128: the poly arm runs the chunked op and its custom backward
+    out = _cli("demo", "--steps", "2", "--seq-len", "160", "--eval-tokens", "1024", "--out", str(tmp_path))
+    assert "plumbing check" in out and "ppl@160" in out and "poly" in out and "band" in out
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["arms"]["poly"]["op_calls"].get("poly.backward", 0) > 0

@@ -14,6 +14,9 @@ Same function as `chunk.py`. Two tricks shape the kernels:
   float32 state through the sequence. Partial outputs of the tiles meet with atomic adds (their summation
   order varies: results agree to float32 rounding run to run, not bit for bit).
 
+Precision: dots of float32 inputs run on TF32 tensor cores (about 1e-3 relative, the tolerance of the GPU
+tests); bf16/fp16 inputs are read as such and every product accumulates in float32.
+
 Kernels: `_direct_fwd` (band + far keys of the diagonal and lagged chunks, exact row shift m_i),
 `_far_fwd` (state sweep), `_direct_bwd`, `_far_bwd_dq` (forward state sweep), `_far_bwd_dkv` (reverse sweep
 of the query-side state U). Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
