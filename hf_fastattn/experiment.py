@@ -135,23 +135,32 @@ def run_experiment(cfg: ExperimentConfig, progress=print) -> dict:
     return results
 
 
+def _compare(a: float, b: float, tol: float = 0.01) -> str:
+    """'lower' / 'higher' / 'equal within 1 %' for a vs b (one seed cannot separate closer values)."""
+    if abs(a - b) <= tol * abs(b):
+        return f"equal within {tol:.0%}"
+    return "lower" if a < b else "higher"
+
+
 def verdict(results: dict) -> str:
+    """The plain-words answer: does the poly far part beat the band alone, and does any arm copy from far?"""
     arms = results["arms"]
     if "poly" not in arms or "band" not in arms:
         return "poly vs band not compared"
     p, b = arms["poly"]["after"], arms["band"]["after"]
-    far = results["config"]["seq_len"] - 96
-    lines = []
+    far, w = results["config"]["seq_len"] - 96, results["config"]["window"]
     better_copy = p["copy_second"] < b["copy_second"] - 0.05
-    lines.append(
-        f"copy probe at distance {far} >> W={results['config']['window']}: poly {p['copy_second']:.2f} vs band "
-        f"{b['copy_second']:.2f} nats/byte on the second copy -> "
+    lines = [
+        f"copy probe at distance {far} >> W={w}: poly {p['copy_second']:.2f} vs band {b['copy_second']:.2f} nats/byte "
+        f"on the second copy (first copy, nothing to copy from: {p['copy_first']:.2f}) -> "
         + ("the poly far part carries long-range information the band cannot." if better_copy else
-           "the poly far part does NOT recover the far copy better than the band alone.")
-    )
-    better_ppl = p["ppl"] < b["ppl"]
-    lines.append(f"held-out perplexity: poly {p['ppl']:.3f} vs band {b['ppl']:.3f} -> "
-                 + ("poly is better." if better_ppl else "the band alone is as good or better."))
+           "the poly far part does NOT recover the far copy better than the band alone."),
+        f"held-out perplexity at the training length: poly {p['ppl']:.3f} vs band {b['ppl']:.3f} "
+        f"({_compare(p['ppl'], b['ppl'])}); at {results['config']['long_factor']}x: poly {p['ppl_long']:.3f} vs band "
+        f"{b['ppl_long']:.3f} ({_compare(p['ppl_long'], b['ppl_long'])}).",
+    ]
+    copiers = [a for a, r in arms.items() if r["after"]["copy_second"] < r["after"]["copy_first"] - 0.3]
+    lines.append("arms that copy from beyond W: " + (", ".join(copiers) if copiers else "none") + ".")
     return " ".join(lines)
 
 

@@ -73,6 +73,20 @@ def test_finetune_two_cpu_processes(tmp_path):
     assert m["world_size"] == 2 and m["steps"] == 3 and m["op_calls"].get("poly.backward", 0) > 0
 
 
+def test_headline_verdict_says_what_the_numbers_say():
+    from hf_fastattn.experiment import verdict
+
+    def arm(ppl, first, second):
+        return {"after": {"ppl": ppl, "ppl_long": ppl, "copy_first": first, "copy_second": second}}
+
+    cfg = {"seq_len": 512, "window": 64, "long_factor": 4}
+    same = verdict({"config": cfg, "arms": {"poly": arm(2.47, 3.35, 3.38), "band": arm(2.484, 3.38, 3.39),
+                                            "exact": arm(2.31, 3.36, 0.18)}})
+    assert "does NOT recover" in same and "equal within 1%" in same and "beyond W: exact." in same
+    wins = verdict({"config": cfg, "arms": {"poly": arm(2.2, 3.3, 1.0), "band": arm(2.5, 3.3, 3.3)}})
+    assert "carries long-range information" in wins and "(lower)" in wins and "beyond W: poly." in wins
+
+
 def test_perplexity_metric_offline():
     import evaluate
 

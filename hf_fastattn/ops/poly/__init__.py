@@ -16,6 +16,9 @@ __all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard
 
 
 _TRITON_FAILED: list = []
+# What kernel="auto" sends to Triton, from the H100 runs in benchmarks/results/h100: fwd+bwd compiles and runs
+# for D <= 64 with 64-token chunks; at D = 128 the backward's blocks overflow shared memory (263 KB > 227 KB).
+_TRITON_MAX_D, _TRITON_CHUNK = 64, 64
 
 
 def _triton_available() -> bool:
@@ -52,7 +55,7 @@ def poly_attention(
         chunk: tokens per chunk of the linear-time form.
         kv_valid: [B, Nk] bool, False on padded key slots.
         feature_cap: the largest allowed feature count per head.
-        kernel: "auto" (Triton on CUDA tensors when available), "torch", "triton".
+        kernel: "auto" (Triton on CUDA tensors for degree 2 and D <= 64, else torch), "torch", "triton".
 
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
@@ -68,12 +71,12 @@ def poly_attention(
         from .triton import poly_triton_attention
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
-    if kernel == "auto" and q.is_cuda and degree == 2 and chunk >= 16 and not chunk & (chunk - 1) \
-            and _triton_available() and not _TRITON_FAILED:
+    if kernel == "auto" and q.is_cuda and degree == 2 and q.shape[-1] <= _TRITON_MAX_D and _triton_available() \
+            and not _TRITON_FAILED:
         from .triton import poly_triton_attention
 
-        try:
-            return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+        try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
+            return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid)
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
             _TRITON_FAILED.append(repr(err))
             warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
