@@ -377,7 +377,7 @@ class PolyTritonFunction(torch.autograd.Function):
             q, k, v, valid, m, dnd, dq, dk, dvv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dnd.stride()[:3],
             nq, nk, h, g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
             LAG=lag, D=d, DV=dv, BT=chunk, BD=_pow2(d), BDV=_pow2(dv), HAS_SOFTCAP=softcap is not None,
-            num_stages=1,  # unpipelined: at D = 128 the staged loads overflow shared memory (H100: 295 KB > 227 KB)
+            num_stages=1,  # unpipelined, to save shared memory (at D = 128 the backward still overflows an H100's)
         )
         dqa = torch.zeros(qa.shape, dtype=torch.float32, device=q.device)
         dka = torch.zeros(ka.shape, dtype=torch.float32, device=q.device)
@@ -404,7 +404,9 @@ def augment(x: torch.Tensor, scale: float, delta: float, query: bool, tile: int 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D]. `tile`: coordinates per feature block
-    (8 or 16; a program carries tile^2 features of the state)."""
+    (8 or 16; a program carries tile^2 features of the state). Measured on an H100 (benchmarks/results/h100):
+    fwd+bwd compiles for D <= 64 with tile 8; tile 16 forward only (its backward, and any D = 128 backward,
+    overflows shared memory)."""
     if tile not in (8, 16):
         raise ValueError(f"tile must be 8 or 16, got {tile}")
     if len(coeffs) != 3:
