@@ -104,10 +104,25 @@ class _Layout:
     def direct_range(self, c):
         return max(0, c - self.lag), c + 1
 
+    def query_slice(self, c):
+        """Query rows of key chunk c (c >= c0)."""
+        return slice((c - self.c0) * self.c, (c - self.c0 + 1) * self.c)
+
     def dist(self, c, lo, device):
         rows = torch.arange(c * self.c, (c + 1) * self.c, device=device)
         cols = torch.arange(lo * self.c, (c + 1) * self.c, device=device)
         return rows[:, None] - cols[None, :]
+
+
+def _forward_sweep(lay, state, fmap, k, v, valid, dt):
+    """The query chunks in order, as (c, j, qi, lo, hi): chunk c's query rows `qi`, its directly computed key
+    chunks [lo, hi), and j = the newest far chunk (j >= 0: `state` then holds phi(k)^T [v, 1] of chunks <= j)."""
+    for c in range(lay.nc):
+        j = c - lay.lag - 1
+        if j >= 0:  # chunk j becomes far for every later query chunk
+            _add_chunk(state, fmap, k, v, valid, j, lay.c, dt)
+        if c >= lay.c0:
+            yield (c, j, lay.query_slice(c), *lay.direct_range(c))
 
 
 def _prepare(q, k, v, valid, scale, coeffs, lay):
@@ -135,14 +150,7 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
     out = torch.zeros(b, hkv, g, lay.nq, v.shape[-1], dtype=q.dtype, device=q.device)
     m_all = torch.zeros(b, hkv, g, lay.nq, dtype=dt, device=q.device)
     den_all = torch.zeros(b, hkv, g, lay.nq, dtype=dt, device=q.device)
-    for c in range(lay.nc):
-        j = c - lay.lag - 1
-        if j >= 0:  # chunk j becomes far for every later query chunk
-            _add_chunk(state, fmap, k, v, valid, j, c_, dt)
-        if c < lay.c0:
-            continue
-        qi = slice((c - lay.c0) * c_, (c - lay.c0 + 1) * c_)
-        lo, hi = lay.direct_range(c)
+    for c, j, qi, lo, hi in _forward_sweep(lay, state, fmap, k, v, valid, dt):
         kd, vd, vald = k[:, :, lo * c_ : hi * c_], v[:, :, lo * c_ : hi * c_], valid[:, lo * c_ : hi * c_]
         qs = q5[:, :, :, qi].to(dt) * scale  # [B, Hkv, G, C, D]
         x = qs @ kd.to(dt)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, C, K]
@@ -180,14 +188,7 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
 
     # forward sweep: key state S for dq (far part) and the directly computed blocks
     state = torch.zeros(b, hkv, r, dv_dim + 1, dtype=dt, device=q.device)
-    for c in range(lay.nc):
-        j = c - lay.lag - 1
-        if j >= 0:
-            _add_chunk(state, fmap, k, v, valid, j, c_, dt)
-        if c < lay.c0:
-            continue
-        qi = slice((c - lay.c0) * c_, (c - lay.c0 + 1) * c_)
-        lo, hi = lay.direct_range(c)
+    for c, j, qi, lo, hi in _forward_sweep(lay, state, fmap, k, v, valid, dt):
         kslc = slice(lo * c_, hi * c_)
         kd, vd, vald = k[:, :, kslc].to(dt), v[:, :, kslc].to(dt), valid[:, kslc]
         qc, m, dp = q5[:, :, :, qi].to(dt), m_all[:, :, :, qi], dprime[:, :, :, qi]
@@ -208,7 +209,7 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
     for j in range(lay.nc - lay.lag - 2, -1, -1):
         c = j + lay.lag + 1
         if c >= lay.c0:
-            qi = slice((c - lay.c0) * c_, (c - lay.c0 + 1) * c_)
+            qi = lay.query_slice(c)
             phq = fmap(q5[:, :, :, qi].to(dt)).reshape(b, hkv, g * c_, r)
             scaled = dprime[:, :, :, qi] * torch.exp(-m_all[:, :, :, qi])[..., None]
             ustate += phq.transpose(-1, -2) @ scaled.reshape(b, hkv, g * c_, -1)
