@@ -122,6 +122,22 @@ def _direct_fwd(
 
 
 @triton.jit
+def _tile(TA, TB, i_t, i_bh, HKV, c2, BA_: tl.constexpr):
+    """(batch, KV head, first coordinates of the tile's blocks A and B, its weight: off-diagonal tiles stand
+    for both orders)."""
+    a0, b0 = tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
+    return i_bh // HKV, i_bh % HKV, a0, b0, tl.where(a0 == b0, c2, 2.0 * c2)
+
+
+@triton.jit
+def _add_pair(p, a0, b0, da, db, BA_: tl.constexpr):
+    """Atomically add the [BT, BA] gradients of coordinate blocks A and B at row pointers p."""
+    o_a = tl.arange(0, BA_)
+    tl.atomic_add(p + (a0 + o_a)[None, :], da)
+    tl.atomic_add(p + (b0 + o_a)[None, :], db)
+
+
+@triton.jit
 def _load_pair(X, base, rows, s_n, a0, b0, BA_: tl.constexpr):
     """Coordinates A = [a0, a0 + BA) and B = [b0, b0 + BA) of rows: two [BT, BA] blocks."""
     o_a = tl.arange(0, BA_)
@@ -157,9 +173,7 @@ def _far_fwd(
     G: tl.constexpr, LAG: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
 ):
     i_t, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0 = tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
-    coef = tl.where(a0 == b0, c2, 2.0 * c2)  # off-diagonal blocks stand for both orders
+    i_b, i_hk, a0, b0, coef = _tile(TA, TB, i_t, i_bh, HKV, c2, BA_)
     o_t = tl.arange(0, BT)
     o_dv = i_d * BDV + tl.arange(0, BDV)
     NC = NK // BT
@@ -245,11 +259,8 @@ def _far_bwd_dq(
     G: tl.constexpr, LAG: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDP: tl.constexpr, BA_: tl.constexpr,
 ):
     """Forward sweep of the key state S (all D + 1 value channels): dq~ = J^T (dNF S^T)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0 = tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
-    coef = tl.where(a0 == b0, c2, 2.0 * c2)
-    o_t, o_p, o_a = tl.arange(0, BT), tl.arange(0, BDP), tl.arange(0, BA_)
+    i_b, i_hk, a0, b0, coef = _tile(TA, TB, tl.program_id(0), tl.program_id(1), HKV, c2, BA_)
+    o_t, o_p = tl.arange(0, BT), tl.arange(0, BDP)
     NC = NK // BT
     C0 = (NK - NQ) // BT
     b_s = tl.zeros([BA_ * BA_, BDP], tl.float32)
@@ -268,9 +279,7 @@ def _far_bwd_dq(
                     gf = tl.dot(b_dn, tl.trans(b_s)) * coef  # [BT, BA^2]
                     qa, qb = _load_pair(QA, i_b * s_qb + i_h * s_qh, rows, s_qn, a0, b0, BA_)
                     da, db = _pair_vjp(gf, qa, qb, BT, BA_)
-                    p = DQA + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
-                    tl.atomic_add(p + (a0 + o_a)[None, :], da)
-                    tl.atomic_add(p + (b0 + o_a)[None, :], db)
+                    _add_pair(DQA + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0, da, db, BA_)
 
 
 @triton.jit
@@ -282,11 +291,8 @@ def _far_bwd_dkv(
 ):
     """Reverse sweep of U = sum_i coef phi(q~_i) dNF_i^T over the query chunks that see chunk j as far:
     dv_j = phi(k~_j) U, dk~_j = J^T ([v_j, 1] U^T)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0 = tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
-    coef = tl.where(a0 == b0, c2, 2.0 * c2)
-    o_t, o_p, o_a = tl.arange(0, BT), tl.arange(0, BDP), tl.arange(0, BA_)
+    i_b, i_hk, a0, b0, coef = _tile(TA, TB, tl.program_id(0), tl.program_id(1), HKV, c2, BA_)
+    o_t, o_p = tl.arange(0, BT), tl.arange(0, BDP)
     NC = NK // BT
     C0 = (NK - NQ) // BT
     b_u = tl.zeros([BA_ * BA_, BDP], tl.float32)
@@ -310,9 +316,7 @@ def _far_bwd_dkv(
                       mask=o_p[None, :] < DV)
         gk = tl.dot(b_v, tl.trans(b_u))  # [BT, BA^2]
         da, db = _pair_vjp(gk, ka, kb, BT, BA_)
-        p = DKA + i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
-        tl.atomic_add(p + (a0 + o_a)[None, :], da)
-        tl.atomic_add(p + (b0 + o_a)[None, :], db)
+        _add_pair(DKA + i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, da, db, BA_)
 
 
 # ------------------------------------------------------------------------------------------- wrappers
