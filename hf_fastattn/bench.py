@@ -50,12 +50,14 @@ def _method_fn(name: str, args):
         band = int(extra.get("band", args.band))
         chunk = int(extra.get("chunk", args.chunk))
         kernel = extra.get("kernel", args.kernel)
-        if "tile" in extra:  # the Triton kernels' feature-block size, a tuning knob of the benchmark only
+        if {"tile", "seg", "rows"} & extra.keys():  # the Triton kernels' schedule knobs, for the benchmark only
             from .ops.poly.features import poly_coefficients
-            from .ops.poly.triton import poly_triton_attention
+            from .ops.poly.triton import BA, poly_triton_attention
 
-            c, tile = poly_coefficients(degree), int(extra["tile"])
-            return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile)
+            c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), int(extra.get("rows", 2))
+            seg = int(extra["seg"]) if "seg" in extra else "auto"
+            return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile, segment=seg,
+                                                         rows_per_block=rows)
         return lambda q, k, v: poly_attention(q, k, v, scale, degree=degree, band=band, chunk=chunk, kernel=kernel)
     if base == "conv":
         from .ops.conv import conv_attention
@@ -81,6 +83,21 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
         band = int(extra.get("band", args.band))
         r, g = FeatureMap.get(d, degree).r, h // hkv
         lag = math.ceil(band / chunk) if band else 0
+        triton_path = {"tile", "seg", "rows"} & extra.keys() or extra.get("kernel", args.kernel) == "triton" or (
+            extra.get("kernel", args.kernel) == "auto" and args.device.startswith("cuda") and degree == 2 and d <= 128)
+        if triton_path:  # segmented schedule: states at segment boundaries, the rest of the window direct
+            from .ops.poly.triton import BA, auto_segment
+
+            if "seg" in extra:
+                seg = int(extra["seg"])
+            else:
+                item = 4 if args.dtype == "fp32" else 2
+                seg = auto_segment(b, hkv, n, d, d, 64, int(extra.get("tile", BA)), item)
+            window = min(n / 2, seg / 2 + lag * 64 + 32)  # mean keys computed directly per query
+            state = 2.0 * r * d * n  # one [r, N] x [N, D] product (build or readout), per head
+            fwd = b * (hkv + h) * state + b * h * n * window * 4 * d
+            bwd = b * (2 * hkv + 2 * h) * state + b * h * n * window * 10 * d
+            return fwd if mode == "fwd" else fwd + bwd
         chunks = n / chunk
         state = 2.0 * r * (d + 1) * chunk  # one [r, C] x [C, D+1] product
         direct = 2.0 * g * chunk * (lag + 1) * chunk * d  # one [G C, K] x [K, D] product
@@ -299,7 +316,7 @@ def plot(report, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="sdpa,exact,poly", help="comma list (or + list when a spec has commas): sdpa, flash, exact, "
-                   "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16], conv[:k=16,placement=even]")
+                   "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16,seg=,rows=], conv[:k=16,placement=even]")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--batch", type=int, default=1, help="batch size B")

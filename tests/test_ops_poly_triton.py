@@ -21,6 +21,7 @@ CASES = [
     pytest.param(2, 4, 2, 35, 50, 16, 5, 2.0, True, id="GQA-Tq35-Tk50-W5-softcap-pad"),
     pytest.param(1, 2, 2, 20, 70, 24, 20, None, True, id="T70-D24-W20>C-pad"),
     pytest.param(1, 1, 1, 33, 33, 60, 3, None, False, id="D60-T33"),
+    pytest.param(1, 2, 1, 100, 100, 16, 0, None, False, id="T100-3-states"),
 ]
 
 
@@ -37,9 +38,11 @@ def _inputs(b, h, hkv, nq, nk, d, pad, device="cpu", dtype=torch.float32):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)], valid if valid is None else valid.to(device)
 
 
-def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad, tile=8):
+def _compare(q, k, v, valid, band, softcap, chunk, coeffs, tol_out, tol_grad, tile=8, segment=32, rows=2):
+    """Small segments, so that the stored boundary states (not only the direct window) carry far keys."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = poly_triton_attention(q, k, v, 0.3, coeffs, band, chunk, softcap, valid, tile=tile)
+    out = poly_triton_attention(q, k, v, 0.3, coeffs, band, chunk, softcap, valid, tile=tile, segment=segment,
+                                rows_per_block=rows)
     ref = naive_poly_attention(*(t.double() for t in (q, k, v)), 0.3, coeffs, band, softcap, valid)
     do = torch.randn_like(ref)
     assert (out.double() - ref).abs().max().item() < tol_out * ref.abs().max().item()
@@ -65,6 +68,15 @@ def test_triton_tile16_matches_naive(b, h, hkv, nq, nk, d, band, softcap, pad):
 
 
 @interpreted
+@pytest.mark.parametrize("segment, rows", [(16, 1), (64, 4), (512, 2)])
+def test_triton_schedules_agree(segment, rows):
+    """The segment length and rows per readout block are a schedule: the function must not change (512:
+    no stored state at all, everything in the direct window)."""
+    (q, k, v), valid = _inputs(1, 2, 1, 90, 120, 16, True)
+    _compare(q, k, v, valid, 5, None, 16, poly_coefficients(2), 1e-5, 1e-5, segment=segment, rows=rows)
+
+
+@interpreted
 def test_triton_large_logits_finite():
     (q, k, v), _ = _inputs(1, 2, 2, 48, 48, 16, False)
     q, k = q * 12, k * 12  # |s q.k| in the hundreds
@@ -78,6 +90,12 @@ def test_triton_errors_and_dispatch():
         poly_triton_attention(q, k, v, 0.3, poly_coefficients(4), 0, 16)
     with pytest.raises(ValueError, match="power of two >= 16"):
         poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 0, 24)
+    with pytest.raises(ValueError, match="segment must be 'auto' or a power of two"):
+        poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 0, 16, segment=48)
+    with pytest.raises(ValueError, match="rows_per_block must be 1, 2 or 4"):
+        poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 0, 16, rows_per_block=3)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        poly_triton_attention(q.double(), k.double(), v.double(), 0.3, poly_coefficients(2), 0, 16)
     # kernel="triton" on CPU tensors runs the interpreted kernels through the public entry point
     out = poly_attention(q, k, v, 0.3, chunk=16, kernel="triton")
     assert torch.allclose(out, poly_attention(q, k, v, 0.3, chunk=16, kernel="torch"), atol=1e-5)
