@@ -75,7 +75,7 @@ def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCA
     w_near = tl.exp(tl.where(near, xn - b_m[:, None], float("-inf")))
     w = tl.where(near, w_near, tl.where(far, (c0 + x * (c1 + c2 * x)) * em, 0.0))
     dw = tl.where(near, w_near * dxn, tl.where(far, (c1 + 2.0 * c2 * x) * em, 0.0))
-    return w, dw, near, xn
+    return w, dw
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _direct_fwd(
         b_v = tl.load(p_v + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0)
         m_k = tl.load(VALID + i_b * NK + o_k) > 0
         x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, _, _, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+        w, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
         b_acc += tl.dot(w.to(DT), b_v.to(DT))
         b_den += tl.sum(w, 1)
     p_n = ND + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
@@ -164,7 +164,7 @@ def _direct_bwd(
         b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
         m_k = tl.load(VALID + i_b * NK + o_k) > 0
         x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, dwdx, _, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+        w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
         dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
         dx = (dwdx * dw * scale).to(DT)
         b_dq += tl.dot(dx, b_k.to(DT))
@@ -175,20 +175,25 @@ def _direct_bwd(
 
 # ------------------------------------------------------------------------------------ feature tiles
 @triton.jit
-def _tile(TA, TB, i_t, c2, BA_: tl.constexpr):
-    """First coordinates of tile i_t's blocks A and B and its weight (off-diagonal tiles stand for both orders)."""
-    a0, b0 = tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
-    return a0, b0, tl.where(a0 == b0, c2, 2.0 * c2)
+def _tile(TA, TB, i_t, BA_: tl.constexpr):
+    """First coordinates of tile i_t's blocks A and B."""
+    return tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
 
 
 @triton.jit
-def _features(X, p_rows, a0, b0, m_r, BA_: tl.constexpr):
-    """Features x_{a0 + f // BA} x_{b0 + f % BA} of a block of rows ([rows, F], float32) and the two gathered
-    factors. p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
+def _coef(a0, b0, c2):
+    """A tile's weight: off-diagonal tiles stand for both orders of their coordinate pairs."""
+    return tl.where(a0 == b0, c2, 2.0 * c2)
+
+
+@triton.jit
+def _factors(X, p_rows, a0, b0, m_r, BA_: tl.constexpr):
+    """The two gathered factors of the features x_{a0 + f // BA} x_{b0 + f % BA} of a block of rows
+    ([rows, F] each, float32). p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
     o_f = tl.arange(0, BA_ * BA_)
     xa = tl.load(X + p_rows + (a0 + o_f // BA_)[None, :], mask=m_r, other=0.0).to(tl.float32)
     xb = tl.load(X + p_rows + (b0 + o_f % BA_)[None, :], mask=m_r, other=0.0).to(tl.float32)
-    return xa * xb, xa, xb
+    return xa, xb
 
 
 @triton.jit
@@ -217,7 +222,7 @@ def _state_fwd(
     boundary s < NS ([F, BDV] float32 in registers, stored as DT) and the denominator state SD_s = sum phi(k~)."""
     i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0, _ = _tile(TA, TB, i_t, 1.0, BA_)
+    a0, b0 = _tile(TA, TB, i_t, BA_)
     F: tl.constexpr = BA_ * BA_
     o_t, o_f = tl.arange(0, BT), tl.arange(0, F)
     o_e = i_e * BDV + tl.arange(0, BDV)
@@ -233,8 +238,8 @@ def _state_fwd(
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
                 valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-                fk, _, _ = _features(KA, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, BA_)
-                fk = fk * valid[:, None]
+                ka, kb = _factors(KA, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, BA_)
+                fk = ka * kb * valid[:, None]
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
                 b_sd += tl.sum(fk, 0)
@@ -268,9 +273,10 @@ def _far_fwd(
         base = (i_b * (H // G) + i_hk) * NS + s
         p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
         for t in range(0, NT):
-            a0, b0, coef = _tile(TA, TB, t, c2, BA_)
-            fq, _, _ = _features(QA, p_q, a0, b0, m_r, BA_)
-            fq = fq * coef
+            a0, b0 = _tile(TA, TB, t, BA_)
+            coef = _coef(a0, b0, c2)
+            qa, qb = _factors(QA, p_q, a0, b0, m_r, BA_)
+            fq = qa * qb * coef
             p_s = (base * NT + t) * F + o_f
             b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fq.to(DT), b_s.to(DT))
@@ -308,7 +314,8 @@ def _far_bwd_dq(
         p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
         b_dd = tl.load(DNF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV, mask=rows < NQ, other=0.0)
         for t in range(0, NT):
-            a0, b0, coef = _tile(TA, TB, t, c2, BA_)
+            a0, b0 = _tile(TA, TB, t, BA_)
+            coef = _coef(a0, b0, c2)
             p_s = (base * NT + t) * F + o_f
             g = b_dd[:, None] * tl.load(SD + p_s)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
@@ -316,7 +323,7 @@ def _far_bwd_dq(
                 b_dn = tl.load(p_dn + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
                 b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_dn.to(DT), tl.trans(b_s.to(DT)))
-            _, xa, xb = _features(QA, p_q, a0, b0, m_r, BA_)
+            xa, xb = _factors(QA, p_q, a0, b0, m_r, BA_)
             _feature_vjp(DQ, p_dq, a0, b0, g * coef, xa, xb, rs, m_r, D, BA_, BS)
 
 
@@ -333,7 +340,8 @@ def _state_bwd(
     column; stored for key segments s < NS - 1 (segment s is in the states s + 1, s + 2, ...)."""
     i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0, coef = _tile(TA, TB, i_t, c2, BA_)
+    a0, b0 = _tile(TA, TB, i_t, BA_)
+    coef = _coef(a0, b0, c2)
     F: tl.constexpr = BA_ * BA_
     o_t, o_f = tl.arange(0, BT), tl.arange(0, F)
     o_e = i_e * BDV + tl.arange(0, BDV)
@@ -351,9 +359,8 @@ def _state_bwd(
             rows = (c - C0) * BT + o_t
             for g in tl.static_range(G):
                 i_h = i_hk * G + g
-                fq, _, _ = _features(QA, i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0,
-                                     o_t[:, None] < BT, BA_)
-                fq = fq * coef
+                qa, qb = _factors(QA, i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT, BA_)
+                fq = qa * qb * coef
                 p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
                 b_dn = tl.load(p_dn + o_e[None, :], mask=m_e, other=0.0)
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
@@ -390,8 +397,9 @@ def _far_bwd_v(
         p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
         b_acc = tl.zeros([BK, BDV], tl.float32)
         for t in range(0, NT):
-            a0, b0, _ = _tile(TA, TB, t, 1.0, BA_)
-            fk, _, _ = _features(KA, p_k, a0, b0, m_r, BA_)
+            a0, b0 = _tile(TA, TB, t, BA_)
+            ka, kb = _factors(KA, p_k, a0, b0, m_r, BA_)
+            fk = ka * kb
             p_u = ((i_bh * (NS - 1) + s) * NT + t) * F + o_f
             b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fk.to(DT), b_u.to(DT))
@@ -424,7 +432,7 @@ def _far_bwd_k(
         p_dk = i_b * s_db + i_hk * s_dh + o_k[:, None] * s_dn
         p_v = V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn
         for t in range(0, NT):
-            a0, b0, _ = _tile(TA, TB, t, 1.0, BA_)
+            a0, b0 = _tile(TA, TB, t, BA_)
             p_u = ((i_bh * (NS - 1) + s) * NT + t) * F + o_f
             g = tl.zeros([BK, F], tl.float32) + tl.load(UD + p_u)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
@@ -432,7 +440,7 @@ def _far_bwd_k(
                 b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
                 b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
-            _, xa, xb = _features(KA, p_k, a0, b0, m_r, BA_)
+            xa, xb = _factors(KA, p_k, a0, b0, m_r, BA_)
             _feature_vjp(DK, p_dk, a0, b0, g * valid[:, None], xa, xb, rs, m_r, D, BA_, BS)
 
 
