@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Per-kernel GPU time of one poly-Triton forward+backward (torch.profiler), to see where the time goes.
+"""Per-kernel GPU time of one poly-Triton forward+backward (torch.profiler), for one or more schedules.
 
-    python scripts/profile_poly.py --n 131072 --head-dim 128 --tile 16
+    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16,rows=1 tile=8,reshape=0
+Variant keys: tile, rows, segment, and the `TUNING` knobs of hf_fastattn.ops.poly.triton (reshape, bdv_read,
+bdv_state). One line per variant: total CUDA ms and the share of every kernel.
 """
 
 import argparse
@@ -9,8 +11,43 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from hf_fastattn.ops.poly import triton as pt
 from hf_fastattn.ops.poly.features import poly_coefficients
-from hf_fastattn.ops.poly.triton import poly_triton_attention
+
+
+def run_variant(spec: str, a) -> str:
+    opts = dict(kv.split("=") for kv in spec.split(",") if kv)
+    defaults = dict(pt.TUNING)
+    for key in ("reshape", "bdv_read", "bdv_state"):
+        if key in opts:
+            pt.TUNING[key] = int(opts[key])
+    seg = opts.get("segment", "auto")
+    seg = seg if seg == "auto" else int(seg)
+    q, k, v = (torch.randn(1, a.heads, a.n, a.head_dim, device="cuda", dtype=torch.bfloat16) * a.head_dim**-0.25
+               for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def step():
+        out = pt.poly_triton_attention(q, k, v, a.head_dim**-0.5, poly_coefficients(2), 0, a.chunk,
+                                       tile=int(opts.get("tile", 8)), segment=seg,
+                                       rows_per_block=int(opts.get("rows", 2)))
+        out.backward(torch.ones_like(out))
+
+    try:
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except Exception as err:  # a schedule that does not compile: say so and go on
+        return f"{spec:<36} {type(err).__name__}: {str(err)[:120]}"
+    finally:
+        pt.TUNING.update(defaults)
+    times = {e.key: e.device_time_total / 1e3 for e in prof.key_averages()}
+    total = sum(times.values())
+    ours = sorted(((t, n) for n, t in times.items() if n.startswith("_")), reverse=True)
+    return f"{spec:<36} {total:8.1f} ms | " + " ".join(f"{n} {t:.1f}" for t, n in ours) + \
+        f" | other {total - sum(t for t, _ in ours):.1f}"
 
 
 def main():
@@ -18,28 +55,14 @@ def main():
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--tile", type=int, default=16)
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--segment", default="auto")
-    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=["tile=8"])
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_poly.py needs a CUDA GPU")
-    seg = a.segment if a.segment == "auto" else int(a.segment)
-    q, k, v = (torch.randn(1, a.heads, a.n, a.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-
-    def step():
-        out = poly_triton_attention(q, k, v, a.head_dim**-0.5, poly_coefficients(2), 0, a.chunk, tile=a.tile,
-                                    segment=seg, rows_per_block=a.rows)
-        out.backward(torch.ones_like(out))
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+    print(f"n={a.n} H={a.heads} D={a.head_dim} bf16 fwd+bwd, CUDA ms per kernel", flush=True)
+    for spec in a.variants:
+        print(run_variant(spec, a), flush=True)
 
 
 if __name__ == "__main__":

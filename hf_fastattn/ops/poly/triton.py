@@ -41,6 +41,9 @@ from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
 BA = 8  # default coordinates per feature block: a tile holds BA * BA = 64 features
+# Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
+# gathered, value columns per program of the readouts and of the register-resident state sweeps.
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under
 
 
@@ -55,6 +58,12 @@ def _state_of(c, C0, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr):
     query chunks share it (so `_far_fwd` reads one state per block); s * SEG <= c - LAG keeps the band out."""
     first = C0 + ((c - C0) // R) * R
     return tl.maximum(first - LAG, 0) // SEG
+
+
+@triton.jit
+def _first_reader(s, C0, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr):
+    """The first key chunk whose queries read state s or later (`_state_of` is non-decreasing)."""
+    return C0 + R * tl.cdiv(tl.maximum(s * SEG + LAG - C0, 0), R)
 
 
 @triton.jit
@@ -87,7 +96,7 @@ def _direct_fwd(
     BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
 ):
     """Query chunk i_c against the keys after its boundary state (sliding window): ND = [num, den], M = row shift."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     C0 = (NK - NQ) // BT
@@ -141,7 +150,7 @@ def _direct_bwd(
 ):
     """dND = dL/d[num, den] of the direct part; dW_ij = dND_i . [v_j, 1]. dq stored, dk/dv added atomically
     (several query chunks read the same keys)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     C0 = (NK - NQ) // BT
@@ -197,15 +206,30 @@ def _factors(X, p_rows, a0, b0, m_r, BA_: tl.constexpr):
 
 
 @triton.jit
-def _feature_vjp(X, p_rows, a0, b0, g, xa, xb, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr):
+def _features(X, p_rows, a0, b0, m_r, BA_: tl.constexpr, RESHAPE: tl.constexpr):
+    """Features of a block of rows, [rows, F] float32: the outer product of two [rows, BA] loads flattened in
+    registers (RESHAPE), or the product of the two gathered [rows, F] factors."""
+    if RESHAPE:
+        o_a = tl.arange(0, BA_)
+        xa = tl.load(X + p_rows + (a0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
+        xb = tl.load(X + p_rows + (b0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
+        return tl.reshape(xa[:, :, None] * xb[:, None, :], (p_rows.shape[0], BA_ * BA_))
+    else:
+        xa, xb = _factors(X, p_rows, a0, b0, m_r, BA_)
+        return xa * xb
+
+
+@triton.jit
+def _feature_vjp(X, p_rows, a0, b0, g, xa, xb, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
+                 DT: tl.constexpr):
     """Add d/dx of sum(g * features) to the rows of X (gradients w.r.t. the unscaled inputs: x~ = rs x; the
     constant coordinate D and the padding are dropped). The per-block sums over a feature's partner are
     products with 0/1 selector matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width)."""
     o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
-    sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(tl.float32)
-    sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(tl.float32)
-    da = tl.dot(g * xb, sel_a) * rs  # [rows, BS]
-    db = tl.dot(g * xa, sel_b) * rs
+    sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
+    sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
+    da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
+    db = tl.dot((g * xa).to(DT), sel_b) * rs
     ok = o_s[None, :] < BA_
     tl.atomic_add(X + p_rows + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
     tl.atomic_add(X + p_rows + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
@@ -216,11 +240,11 @@ def _state_fwd(
     KA, V, VALID, TA, TB, S, SD,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     NK, HKV, NS, NT,
-    SEG: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr,
+    SEG: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """Keys sweep of tile i_t, value block i_e: stores S_s = sum over chunks < s SEG of phi(k~) v^T for every
     boundary s < NS ([F, BDV] float32 in registers, stored as DT) and the denominator state SD_s = sum phi(k~)."""
-    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     a0, b0 = _tile(TA, TB, i_t, BA_)
     F: tl.constexpr = BA_ * BA_
@@ -230,7 +254,7 @@ def _state_fwd(
     b_s = tl.zeros([F, BDV], tl.float32)
     b_sd = tl.zeros([F], tl.float32)
     for s in range(0, NS):
-        p_s = ((i_bh * NS + s) * NT + i_t) * F + o_f
+        p_s = ((i_bh * NS + s) * NT + i_t).to(tl.int64) * F + o_f
         tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(SD + p_s, b_sd)
@@ -238,8 +262,8 @@ def _state_fwd(
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
                 valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-                ka, kb = _factors(KA, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, BA_)
-                fk = ka * kb * valid[:, None]
+                fk = _features(KA, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, BA_,
+                               RESHAPE) * valid[:, None]
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
                 b_sd += tl.sum(fk, 0)
@@ -251,11 +275,11 @@ def _far_fwd(
     s_qb, s_qh, s_qn, s_nb, s_nh, s_nn,
     NQ, NK, H, G, NS, NT, c2,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
-    BA_: tl.constexpr, DT: tl.constexpr,
+    BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """Far part NF = [num, den] of a block of R query chunks, value block i_e: sum over tiles of
     coef phi(q~) S_s (all tiles of one boundary state; no cross-program reduction)."""
-    i_c, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     F: tl.constexpr = BA_ * BA_
@@ -275,9 +299,8 @@ def _far_fwd(
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
             coef = _coef(a0, b0, c2)
-            qa, qb = _factors(QA, p_q, a0, b0, m_r, BA_)
-            fq = qa * qb * coef
-            p_s = (base * NT + t) * F + o_f
+            fq = _features(QA, p_q, a0, b0, m_r, BA_, RESHAPE) * coef
+            p_s = (base * NT + t).to(tl.int64) * F + o_f
             b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fq.to(DT), b_s.to(DT))
             if i_e == 0:
@@ -297,7 +320,7 @@ def _far_bwd_dq(
     BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr,
 ):
     """dq of the far part: per tile, g = coef (dNF_num S^T + dNF_den SD) [rows, F], then the features' VJP."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     F: tl.constexpr = BA_ * BA_
@@ -316,7 +339,7 @@ def _far_bwd_dq(
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
             coef = _coef(a0, b0, c2)
-            p_s = (base * NT + t) * F + o_f
+            p_s = (base * NT + t).to(tl.int64) * F + o_f
             g = b_dd[:, None] * tl.load(SD + p_s)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
                 o_e = e0 + tl.arange(0, BDV)
@@ -324,7 +347,7 @@ def _far_bwd_dq(
                 b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_dn.to(DT), tl.trans(b_s.to(DT)))
             xa, xb = _factors(QA, p_q, a0, b0, m_r, BA_)
-            _feature_vjp(DQ, p_dq, a0, b0, g * coef, xa, xb, rs, m_r, D, BA_, BS)
+            _feature_vjp(DQ, p_dq, a0, b0, g * coef, xa, xb, rs, m_r, D, BA_, BS, DT)
 
 
 @triton.jit
@@ -333,12 +356,12 @@ def _state_bwd(
     s_qb, s_qh, s_qn, s_nb, s_nh, s_nn,
     NQ, NK, HKV, NS, NT, c2,
     G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr,
+    BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """Reverse sweep of the query-side state: U_s = sum over query chunks c with state(c) > s of
     coef phi(q~_c)^T dNF_c (numerator columns, value block i_e) and UD_s the same with the denominator
     column; stored for key segments s < NS - 1 (segment s is in the states s + 1, s + 2, ...)."""
-    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     a0, b0 = _tile(TA, TB, i_t, BA_)
     coef = _coef(a0, b0, c2)
@@ -350,24 +373,23 @@ def _state_bwd(
     C0 = (NK - NQ) // BT
     b_u = tl.zeros([F, BDV], tl.float32)
     b_ud = tl.zeros([F], tl.float32)
-    hi = NC
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
-        # first query chunk whose state includes segment s: state(c) >= s + 1
-        lo = C0 + R * tl.cdiv(tl.maximum((s + 1) * SEG + LAG - C0, 0), R)
+        # the query chunks whose state is exactly s + 1 (bounds recomputed: a loop-carried bound miscompiles)
+        lo = _first_reader(s + 1, C0, LAG, SEG, R)
+        hi = tl.minimum(_first_reader(s + 2, C0, LAG, SEG, R), NC)
         for c in range(lo, hi):
             rows = (c - C0) * BT + o_t
             for g in tl.static_range(G):
                 i_h = i_hk * G + g
-                qa, qb = _factors(QA, i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT, BA_)
-                fq = qa * qb * coef
+                fq = _features(QA, i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT, BA_,
+                               RESHAPE) * coef
                 p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
                 b_dn = tl.load(p_dn + o_e[None, :], mask=m_e, other=0.0)
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 if i_e == 0:
                     b_ud += tl.sum(fq * tl.load(DNF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV)[:, None], 0)
-        hi = tl.minimum(hi, lo)
-        p_u = ((i_bh * (NS - 1) + s) * NT + i_t) * F + o_f
+        p_u = ((i_bh * (NS - 1) + s) * NT + i_t).to(tl.int64) * F + o_f
         tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(UD + p_u, b_ud)
@@ -379,10 +401,10 @@ def _far_bwd_v(
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     NK, HKV, NS, NT,
     SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
-    DT: tl.constexpr,
+    DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """dv of the far part for a block of R key chunks (one segment): sum over tiles of phi(k~) U_s."""
-    i_j, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_j, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     F: tl.constexpr = BA_ * BA_
     BK: tl.constexpr = R * BT
@@ -398,9 +420,8 @@ def _far_bwd_v(
         b_acc = tl.zeros([BK, BDV], tl.float32)
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
-            ka, kb = _factors(KA, p_k, a0, b0, m_r, BA_)
-            fk = ka * kb
-            p_u = ((i_bh * (NS - 1) + s) * NT + t) * F + o_f
+            fk = _features(KA, p_k, a0, b0, m_r, BA_, RESHAPE)
+            p_u = ((i_bh * (NS - 1) + s) * NT + t).to(tl.int64) * F + o_f
             b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fk.to(DT), b_u.to(DT))
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
@@ -418,7 +439,7 @@ def _far_bwd_k(
 ):
     """dk of the far part: per tile, g = v U_s^T + UD_s ([rows, F], the values' column of ones gives UD),
     then the features' VJP."""
-    i_j, i_bh = tl.program_id(0), tl.program_id(1)
+    i_j, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     F: tl.constexpr = BA_ * BA_
     BK: tl.constexpr = R * BT
@@ -433,7 +454,7 @@ def _far_bwd_k(
         p_v = V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
-            p_u = ((i_bh * (NS - 1) + s) * NT + t) * F + o_f
+            p_u = ((i_bh * (NS - 1) + s) * NT + t).to(tl.int64) * F + o_f
             g = tl.zeros([BK, F], tl.float32) + tl.load(UD + p_u)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
                 o_e = e0 + tl.arange(0, BDV)
@@ -441,7 +462,7 @@ def _far_bwd_k(
                 b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
             xa, xb = _factors(KA, p_k, a0, b0, m_r, BA_)
-            _feature_vjp(DK, p_dk, a0, b0, g * valid[:, None], xa, xb, rs, m_r, D, BA_, BS)
+            _feature_vjp(DK, p_dk, a0, b0, g * valid[:, None], xa, xb, rs, m_r, D, BA_, BS, DT)
 
 
 # ------------------------------------------------------------------------------------------- wrappers
@@ -490,11 +511,18 @@ class _Plan:
         self.ns = int(state_of_chunks(nq // chunk, nc, self.lag, self.seg, self.r).max()) + 1
         self.dt, self.state_dtype = _dot_dtypes(q.dtype)
         self.bd, self.bdv = _pow2(d), _pow2(self.dv)
-        self.bdv_far = min(self.bdv, 64)
+        self.bdv_read, self.bdv_state = min(self.bdv, TUNING["bdv_read"]), min(self.bdv, TUNING["bdv_state"])
+        self.reshape = TUNING["reshape"]
         self.bs = max(tile, 16)
         # warps: a [256, 64] float32 state slice (tile 16) needs 8 to stay in registers
         self.nw_far = 8 if tile == 16 or rows_per_block * chunk > 128 else 4
         self.nw_direct = 8 if d > 64 else 4
+        self.stages_far = 1 if tile == 16 else 2  # tile 16's [rows, 256] operands overflow shared memory pipelined
+
+    def meta(self, **extra):
+        """Compile-time arguments every feature-tile kernel takes."""
+        return dict(DV=self.dv, BT=self.chunk, BA_=self.tile, DT=self.dt, num_warps=self.nw_far,
+                    num_stages=self.stages_far, **extra)
 
 
 def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
@@ -528,17 +556,16 @@ class PolyTritonFunction(torch.autograd.Function):
         if p.ns > 1:  # some query chunk reads a non-empty state
             qa, ka = _augmented(q, k, scale, coeffs, tile)
             ta, tb = _tiles(p.da, tile, q.device)
-            F = tile * tile
-            st = torch.empty(p.b * p.hkv * p.ns * p.nt * F, p.dv, dtype=p.state_dtype, device=q.device)
-            sd = torch.empty(p.b * p.hkv * p.ns * p.nt * F, dtype=torch.float32, device=q.device)
-            ne = triton.cdiv(p.dv, p.bdv_far)
-            _state_fwd[(p.nt, p.b * p.hkv, ne)](
+            n_s = p.b * p.hkv * p.ns * p.nt * tile * tile
+            st = torch.empty(n_s, p.dv, dtype=p.state_dtype, device=q.device)
+            sd = torch.empty(n_s, dtype=torch.float32, device=q.device)
+            _state_fwd[(p.nt, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
                 ka, v, valid, ta, tb, st, sd, *ka.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt,
-                SEG=p.seg, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, DT=p.dt, num_warps=p.nw_far,
+                SEG=p.seg, BDV=p.bdv_state, **p.meta(RESHAPE=p.reshape),
             )
-            _far_fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, ne)](
+            _far_fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_read))](
                 qa, st, sd, ta, tb, nf, *qa.stride()[:3], *nf.stride()[:3], p.nq, p.nk, p.h, p.g, p.ns, p.nt, c2,
-                LAG=p.lag, SEG=p.seg, R=p.r, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, DT=p.dt, num_warps=p.nw_far,
+                LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(RESHAPE=p.reshape),
             )
             states = (st, sd)
         ctx.save_for_backward(q, k, v, valid, m, *states)
@@ -568,29 +595,27 @@ class PolyTritonFunction(torch.autograd.Function):
             qa, ka = _augmented(q, k, scale, coeffs, tile)
             ta, tb = _tiles(p.da, tile, q.device)
             F, rs = tile * tile, math.sqrt(scale)
-            nqb = triton.cdiv(p.nq, chunk * p.r)
+            nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
             _far_bwd_dq[(nqb, p.b * p.h)](
                 qa, st, sd, ta, tb, dnf, dq, *qa.stride()[:3], *dnf.stride()[:3], *dq.stride()[:3],
                 p.nq, p.nk, p.h, p.g, p.ns, p.nt, c2, rs,
-                LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, BS=p.bs, DT=p.dt, num_warps=p.nw_far,
+                LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
             n_u = p.b * p.hkv * (p.ns - 1) * p.nt * F
             u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
             ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
-            ne = triton.cdiv(p.dv, p.bdv_far)
-            _state_bwd[(p.nt, p.b * p.hkv, ne)](
+            _state_bwd[(p.nt, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
                 qa, dnf, ta, tb, u, ud, *qa.stride()[:3], *dnf.stride()[:3], p.nq, p.nk, p.hkv, p.ns, p.nt, c2,
-                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, DT=p.dt, num_warps=p.nw_far,
+                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(RESHAPE=p.reshape),
             )
-            nkb = triton.cdiv(p.nk, chunk * p.r)
-            _far_bwd_v[(nkb, p.b * p.hkv, ne)](
+            _far_bwd_v[(nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read))](
                 ka, valid, u, ta, tb, dvv, *ka.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, p.nt,
-                SEG=p.seg, R=p.r, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, DT=p.dt, num_warps=p.nw_far,
+                SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(RESHAPE=p.reshape),
             )
             _far_bwd_k[(nkb, p.b * p.hkv)](
                 ka, v, valid, u, ud, ta, tb, dk, *ka.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
                 p.nk, p.hkv, p.ns, p.nt, rs,
-                SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BDV=p.bdv_far, BA_=tile, BS=p.bs, DT=p.dt, num_warps=p.nw_far,
+                SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
         return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)) + (None,) * 11
 
