@@ -40,7 +40,7 @@ from ..masks import acc_dtype
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
-BA = 8  # default coordinates per feature block: a tile holds BA * BA = 64 features
+BA = 16  # default coordinates per feature block: a tile holds BA * BA = 256 features
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps.
 TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64}
@@ -220,19 +220,31 @@ def _features(X, p_rows, a0, b0, m_r, BA_: tl.constexpr, RESHAPE: tl.constexpr):
 
 
 @triton.jit
-def _feature_vjp(X, p_rows, a0, b0, g, xa, xb, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
-                 DT: tl.constexpr):
-    """Add d/dx of sum(g * features) to the rows of X (gradients w.r.t. the unscaled inputs: x~ = rs x; the
-    constant coordinate D and the padding are dropped). The per-block sums over a feature's partner are
-    products with 0/1 selector matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width)."""
-    o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
-    sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
-    sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
-    da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
-    db = tl.dot((g * xa).to(DT), sel_b) * rs
-    ok = o_s[None, :] < BA_
-    tl.atomic_add(X + p_rows + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
-    tl.atomic_add(X + p_rows + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
+def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
+                 DT: tl.constexpr, RESHAPE: tl.constexpr):
+    """Add d/dx of sum(g * features(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs:
+    x~ = rs x; the constant coordinate D and the padding are dropped). RESHAPE: g viewed as [rows, BA, BA] and
+    summed against the partner block; else products with 0/1 selector matrices [F, BS] (BS = max(BA, 16),
+    the smallest tl.dot width) of the gathered factors."""
+    if RESHAPE:
+        o_a = tl.arange(0, BA_)
+        xa = tl.load(X + p_x + (a0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
+        xb = tl.load(X + p_x + (b0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
+        g3 = tl.reshape(g, (p_x.shape[0], BA_, BA_))
+        da = tl.sum(g3 * xb[:, None, :], 2) * rs  # [rows, BA]
+        db = tl.sum(g3 * xa[:, :, None], 1) * rs
+        tl.atomic_add(G_ + p_g + (a0 + o_a)[None, :], da, mask=m_r & ((a0 + o_a)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (b0 + o_a)[None, :], db, mask=m_r & ((b0 + o_a)[None, :] < D))
+    else:
+        xa, xb = _factors(X, p_x, a0, b0, m_r, BA_)
+        o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
+        sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
+        sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
+        da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
+        db = tl.dot((g * xa).to(DT), sel_b) * rs
+        ok = o_s[None, :] < BA_
+        tl.atomic_add(G_ + p_g + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
 
 
 @triton.jit
@@ -317,7 +329,7 @@ def _far_bwd_dq(
     s_qb, s_qh, s_qn, s_nb, s_nh, s_nn, s_db, s_dh, s_dn,
     NQ, NK, H, G, NS, NT, c2, rs,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr,
+    BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """dq of the far part: per tile, g = coef (dNF_num S^T + dNF_den SD) [rows, F], then the features' VJP."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -346,8 +358,7 @@ def _far_bwd_dq(
                 b_dn = tl.load(p_dn + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
                 b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_dn.to(DT), tl.trans(b_s.to(DT)))
-            xa, xb = _factors(QA, p_q, a0, b0, m_r, BA_)
-            _feature_vjp(DQ, p_dq, a0, b0, g * coef, xa, xb, rs, m_r, D, BA_, BS, DT)
+            _feature_vjp(QA, p_q, DQ, p_dq, a0, b0, g * coef, rs, m_r, D, BA_, BS, DT, RESHAPE)
 
 
 @triton.jit
@@ -435,7 +446,7 @@ def _far_bwd_k(
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     NK, HKV, NS, NT, rs,
     SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
-    BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr,
+    BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """dk of the far part: per tile, g = v U_s^T + UD_s ([rows, F], the values' column of ones gives UD),
     then the features' VJP."""
@@ -461,8 +472,7 @@ def _far_bwd_k(
                 b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
                 b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
                 g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
-            xa, xb = _factors(KA, p_k, a0, b0, m_r, BA_)
-            _feature_vjp(DK, p_dk, a0, b0, g * valid[:, None], xa, xb, rs, m_r, D, BA_, BS, DT)
+            _feature_vjp(KA, p_k, DK, p_dk, a0, b0, g * valid[:, None], rs, m_r, D, BA_, BS, DT, RESHAPE)
 
 
 # ------------------------------------------------------------------------------------------- wrappers
@@ -599,7 +609,7 @@ class PolyTritonFunction(torch.autograd.Function):
             _far_bwd_dq[(nqb, p.b * p.h)](
                 qa, st, sd, ta, tb, dnf, dq, *qa.stride()[:3], *dnf.stride()[:3], *dq.stride()[:3],
                 p.nq, p.nk, p.h, p.g, p.ns, p.nt, c2, rs,
-                LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(),
+                LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(RESHAPE=p.reshape),
             )
             n_u = p.b * p.hkv * (p.ns - 1) * p.nt * F
             u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
@@ -615,7 +625,7 @@ class PolyTritonFunction(torch.autograd.Function):
             _far_bwd_k[(nkb, p.b * p.hkv)](
                 ka, v, valid, u, ud, ta, tb, dk, *ka.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
                 p.nk, p.hkv, p.ns, p.nt, rs,
-                SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(),
+                SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(RESHAPE=p.reshape),
             )
         return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)) + (None,) * 11
 
@@ -637,7 +647,7 @@ def _augmented(q, k, scale, coeffs, tile):
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=2):
+                          segment="auto", rows_per_block=1):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
