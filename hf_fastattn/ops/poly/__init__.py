@@ -18,7 +18,7 @@ __all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard
 _TRITON_FAILED: list = []
 # What kernel="auto" sends to Triton, from the H100 runs in benchmarks/results/h100: fwd+bwd compiles and runs
 # for D <= 64 with 64-token chunks; at D = 128 the backward's blocks overflow shared memory (263 KB > 227 KB).
-_TRITON_MAX_D, _TRITON_CHUNK = 64, 64
+_TRITON_MAX_D, _TRITON_CHUNK = 128, 64
 
 
 def _triton_available() -> bool:

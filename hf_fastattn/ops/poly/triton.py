@@ -43,7 +43,7 @@ from .chunk import far_log_bound, has_far_key, pad_to_chunks
 BA = 16  # default coordinates per feature block: a tile holds BA * BA = 256 features
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps.
-TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64}
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under
 
 
@@ -647,7 +647,7 @@ def _augmented(q, k, scale, coeffs, tile):
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=1):
+                          segment="auto", rows_per_block=2):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
