@@ -120,3 +120,17 @@ def test_triton_gpu_bf16_vs_torch_error(n, d):
     ours = poly_triton_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3, coeffs, 64, 64)
     torch_bf16 = naive_poly_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3, coeffs, 64)
     assert (ours.double() - ref).abs().max() <= 2 * (torch_bf16.double() - ref).abs().max() + 1e-3
+
+
+@interpreted
+@pytest.mark.parametrize("reshape", [False, True])
+def test_triton_tuning_knobs_agree(monkeypatch, reshape):
+    """The `TUNING` knobs are schedules: gathered features with selector-matrix VJPs, and value blocks narrower
+    than D (D = 40 in blocks of 16: the dv loops and their masks), give the same function."""
+    from hf_fastattn.ops.poly import triton as pt
+
+    monkeypatch.setitem(pt.TUNING, "reshape", reshape)
+    monkeypatch.setitem(pt.TUNING, "bdv_read", 16)
+    monkeypatch.setitem(pt.TUNING, "bdv_state", 32)
+    (q, k, v), valid = _inputs(1, 2, 1, 80, 96, 40, True)
+    _compare(q, k, v, valid, 3, None, 16, poly_coefficients(2), 1e-5, 1e-5)

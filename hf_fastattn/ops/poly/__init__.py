@@ -16,8 +16,8 @@ __all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard
 
 
 _TRITON_FAILED: list = []
-# What kernel="auto" sends to Triton, from the H100 runs in benchmarks/results/h100: fwd+bwd compiles and runs
-# for D <= 64 with 64-token chunks; at D = 128 the backward's blocks overflow shared memory (263 KB > 227 KB).
+# What kernel="auto" sends to Triton, from the H100 runs in benchmarks/results/h100 (segmented kernels):
+# fwd+bwd compiles and is measured for D = 64 and 128 with 64-token chunks.
 _TRITON_MAX_D, _TRITON_CHUNK = 128, 64
 
 
@@ -55,7 +55,8 @@ def poly_attention(
         chunk: tokens per chunk of the linear-time form.
         kv_valid: [B, Nk] bool, False on padded key slots.
         feature_cap: the largest allowed feature count per head.
-        kernel: "auto" (Triton on CUDA tensors for degree 2 and D <= 64, else torch), "torch", "triton".
+        kernel: "auto" (Triton on 16/32-bit CUDA tensors for degree 2 and D <= 128, else torch), "torch",
+            "triton".
 
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
@@ -71,12 +72,14 @@ def poly_attention(
         from .triton import poly_triton_attention
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
-    if kernel == "auto" and q.is_cuda and degree == 2 and q.shape[-1] <= _TRITON_MAX_D and _triton_available() \
-            and not _TRITON_FAILED:
+    fits = degree == 2 and q.shape[-1] <= _TRITON_MAX_D and q.dtype != torch.float64
+    if kernel == "auto" and q.is_cuda and fits and _triton_available() and not _TRITON_FAILED:
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
             return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid)
+        except torch.OutOfMemoryError:  # not a kernel failure: the torch path would not fit either
+            raise
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
             _TRITON_FAILED.append(repr(err))
             warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
