@@ -52,11 +52,11 @@ def run_variant(spec: str, a) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=131072)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--variants", nargs="+", default=["tile=8"])
+    p.add_argument("--n", type=int, default=131072, help="sequence length")
+    p.add_argument("--heads", type=int, default=16, help="heads H (K/V heads too)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension D")
+    p.add_argument("--chunk", type=int, default=64, help="chunk size")
+    p.add_argument("--variants", nargs="+", default=["tile=16"], help="schedules to time (see the module doc)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_poly.py needs a CUDA GPU")
