@@ -201,6 +201,33 @@ def _coef(a0, b0, c2):
 
 
 @triton.jit
+def _tile_rows(state, t, NT, F: tl.constexpr):
+    """Flat row offsets of tile t's F features in state `state` of a [states, NT, F, DV] buffer (int64: the
+    buffers pass 2^31 elements at long contexts)."""
+    return (state * NT + t).to(tl.int64) * F + tl.arange(0, F)
+
+
+@triton.jit
+def _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr,
+                 BT: tl.constexpr):
+    """A readout program's block of R query chunks: batch, head, rows [R BT], row mask [R BT, 1], and the
+    boundary state it reads, as (its number s, its index in the [B Hkv NS] states)."""
+    i_b, i_h = i_bh // H, i_bh % H
+    C0 = (NK - NQ) // BT
+    s = _state_of(C0 + i_c * R, C0, LAG, SEG, R)
+    rows = i_c * (R * BT) + tl.arange(0, R * BT)
+    return i_b, i_h, rows, rows[:, None] < NQ, s, (i_b * (H // G) + i_h // G) * NS + s
+
+
+@triton.jit
+def _key_block(i_j, i_b, VALID, NK, R: tl.constexpr, BT: tl.constexpr):
+    """A key program's block of R key chunks: key slots [R BT], row mask [R BT, 1], validity (float)."""
+    o_k = i_j * (R * BT) + tl.arange(0, R * BT)
+    valid = (tl.load(VALID + i_b * NK + o_k, mask=o_k < NK, other=0) > 0).to(tl.float32)
+    return o_k, o_k[:, None] < NK, valid
+
+
+@triton.jit
 def _factors(X, p_rows, a0, b0, m_r, BA_: tl.constexpr):
     """The two gathered factors of the features x_{a0 + f // BA} x_{b0 + f % BA} of a block of rows
     ([rows, F] each, float32). p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
@@ -266,13 +293,13 @@ def _state_fwd(
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     a0, b0 = _tile(TA, TB, i_t, BA_)
     F: tl.constexpr = BA_ * BA_
-    o_t, o_f = tl.arange(0, BT), tl.arange(0, F)
+    o_t = tl.arange(0, BT)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     b_s = tl.zeros([F, BDV], tl.float32)
     b_sd = tl.zeros([F], tl.float32)
     for s in range(0, NS):
-        p_s = ((i_bh * NS + s) * NT + i_t).to(tl.int64) * F + o_f
+        p_s = _tile_rows(i_bh * NS + s, i_t, NT, F)
         tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(SD + p_s, b_sd)
@@ -298,27 +325,19 @@ def _far_fwd(
     """Far part NF = [num, den] of a block of R query chunks, value block i_e: sum over tiles of
     coef phi(q~) S_s (all tiles of one boundary state; no cross-program reduction)."""
     i_c, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
+    i_b, i_h, rows, m_r, s, state = _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG, SEG, R, BT)
     F: tl.constexpr = BA_ * BA_
-    BQ: tl.constexpr = R * BT
-    C0 = (NK - NQ) // BT
-    s = _state_of(C0 + i_c * R, C0, LAG, SEG, R)
-    rows = i_c * BQ + tl.arange(0, BQ)
-    m_r = rows[:, None] < NQ
-    o_f = tl.arange(0, F)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
-    b_acc = tl.zeros([BQ, BDV], tl.float32)
-    b_den = tl.zeros([BQ], tl.float32)
+    b_acc = tl.zeros([R * BT, BDV], tl.float32)
+    b_den = tl.zeros([R * BT], tl.float32)
     if s > 0:
-        base = (i_b * (H // G) + i_hk) * NS + s
         p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
             coef = _coef(a0, b0, c2)
             fq = _features(QA, p_q, a0, b0, m_r, BA_, RESHAPE) * coef
-            p_s = (base * NT + t).to(tl.int64) * F + o_f
+            p_s = _tile_rows(state, t, NT, F)
             b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fq.to(DT), b_s.to(DT))
             if i_e == 0:
@@ -339,17 +358,9 @@ def _far_bwd_dq(
 ):
     """dq of the far part: per tile, g = coef (dNF_num S^T + dNF_den SD) [rows, F], then the features' VJP."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
+    i_b, i_h, rows, m_r, s, state = _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG, SEG, R, BT)
     F: tl.constexpr = BA_ * BA_
-    BQ: tl.constexpr = R * BT
-    C0 = (NK - NQ) // BT
-    s = _state_of(C0 + i_c * R, C0, LAG, SEG, R)
-    rows = i_c * BQ + tl.arange(0, BQ)
-    m_r = rows[:, None] < NQ
-    o_f = tl.arange(0, F)
     if s > 0:
-        base = (i_b * (H // G) + i_hk) * NS + s
         p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
         p_dq = i_b * s_db + i_h * s_dh + rows[:, None] * s_dn
         p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
@@ -357,7 +368,7 @@ def _far_bwd_dq(
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
             coef = _coef(a0, b0, c2)
-            p_s = (base * NT + t).to(tl.int64) * F + o_f
+            p_s = _tile_rows(state, t, NT, F)
             g = b_dd[:, None] * tl.load(SD + p_s)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
                 o_e = e0 + tl.arange(0, BDV)
@@ -383,7 +394,7 @@ def _state_bwd(
     a0, b0 = _tile(TA, TB, i_t, BA_)
     coef = _coef(a0, b0, c2)
     F: tl.constexpr = BA_ * BA_
-    o_t, o_f = tl.arange(0, BT), tl.arange(0, F)
+    o_t = tl.arange(0, BT)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     NC = NK // BT
@@ -406,7 +417,7 @@ def _state_bwd(
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 if i_e == 0:
                     b_ud += tl.sum(fq * tl.load(DNF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV)[:, None], 0)
-        p_u = ((i_bh * (NS - 1) + s) * NT + i_t).to(tl.int64) * F + o_f
+        p_u = _tile_rows(i_bh * (NS - 1) + s, i_t, NT, F)
         tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(UD + p_u, b_ud)
@@ -424,21 +435,17 @@ def _far_bwd_v(
     i_j, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     F: tl.constexpr = BA_ * BA_
-    BK: tl.constexpr = R * BT
     s = (i_j * R) // SEG
     if s < NS - 1:
-        o_k = i_j * BK + tl.arange(0, BK)
-        m_r = o_k[:, None] < NK
-        o_f = tl.arange(0, F)
+        o_k, m_r, valid = _key_block(i_j, i_b, VALID, NK, R, BT)
         o_e = i_e * BDV + tl.arange(0, BDV)
         m_e = o_e[None, :] < DV
-        valid = (tl.load(VALID + i_b * NK + o_k, mask=o_k < NK, other=0) > 0).to(tl.float32)
         p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
-        b_acc = tl.zeros([BK, BDV], tl.float32)
+        b_acc = tl.zeros([R * BT, BDV], tl.float32)
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
             fk = _features(KA, p_k, a0, b0, m_r, BA_, RESHAPE)
-            p_u = ((i_bh * (NS - 1) + s) * NT + t).to(tl.int64) * F + o_f
+            p_u = _tile_rows(i_bh * (NS - 1) + s, t, NT, F)
             b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
             b_acc += tl.dot(fk.to(DT), b_u.to(DT))
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
@@ -459,20 +466,16 @@ def _far_bwd_k(
     i_j, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     F: tl.constexpr = BA_ * BA_
-    BK: tl.constexpr = R * BT
     s = (i_j * R) // SEG
     if s < NS - 1:
-        o_k = i_j * BK + tl.arange(0, BK)
-        m_r = o_k[:, None] < NK
-        o_f = tl.arange(0, F)
-        valid = (tl.load(VALID + i_b * NK + o_k, mask=o_k < NK, other=0) > 0).to(tl.float32)
+        o_k, m_r, valid = _key_block(i_j, i_b, VALID, NK, R, BT)
         p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
         p_dk = i_b * s_db + i_hk * s_dh + o_k[:, None] * s_dn
         p_v = V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn
         for t in range(0, NT):
             a0, b0 = _tile(TA, TB, t, BA_)
-            p_u = ((i_bh * (NS - 1) + s) * NT + t).to(tl.int64) * F + o_f
-            g = tl.zeros([BK, F], tl.float32) + tl.load(UD + p_u)[None, :]
+            p_u = _tile_rows(i_bh * (NS - 1) + s, t, NT, F)
+            g = tl.zeros([R * BT, F], tl.float32) + tl.load(UD + p_u)[None, :]
             for e0 in tl.static_range(0, DV, BDV):
                 o_e = e0 + tl.arange(0, BDV)
                 b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
