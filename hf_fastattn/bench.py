@@ -76,28 +76,32 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
     if base in ("sdpa", "flash", "exact"):
         return mult * 2.0 * b * h * n * n * d
     if base == "poly":
+        from .ops.poly import _TRITON_CHUNK, auto_uses_triton
         from .ops.poly.features import FeatureMap
 
         degree = int(extra.get("degree", args.degree))
         chunk = int(extra.get("chunk", args.chunk))
         band = int(extra.get("band", args.band))
         r, g = FeatureMap.get(d, degree).r, h // hkv
-        lag = math.ceil(band / chunk) if band else 0
-        triton_path = {"tile", "seg", "rows"} & extra.keys() or extra.get("kernel", args.kernel) == "triton" or (
-            extra.get("kernel", args.kernel) == "auto" and args.device.startswith("cuda") and degree == 2 and d <= 128)
-        if triton_path:  # segmented schedule: states at segment boundaries, the rest of the window direct
+        kernel = extra.get("kernel", args.kernel)
+        auto = kernel == "auto" and auto_uses_triton(args.device.startswith("cuda"), degree, d, DTYPES[args.dtype])
+        if {"tile", "seg", "rows"} & extra.keys() or kernel == "triton" or auto:
+            # segmented schedule: states at segment boundaries, the rest of the window direct
             from .ops.poly.triton import BA, auto_segment
 
+            tc = _TRITON_CHUNK if auto else chunk  # "auto" runs the kernels at their own chunk size
             if "seg" in extra:
                 seg = int(extra["seg"])
             else:
                 item = 4 if args.dtype == "fp32" else 2
-                seg = auto_segment(b, hkv, n, d, d, 64, int(extra.get("tile", BA)), item)
-            window = min(n / 2, seg / 2 + lag * 64 + 32)  # mean keys computed directly per query
+                seg = auto_segment(b, hkv, n, d, d, tc, int(extra.get("tile", BA)), item)
+            lag = math.ceil(band / tc) if band else 0
+            window = min(n / 2, seg / 2 + lag * tc + tc / 2)  # mean keys computed directly per query
             state = 2.0 * r * d * n  # one [r, N] x [N, D] product (build or readout), per head
             fwd = b * (hkv + h) * state + b * h * n * window * 4 * d
             bwd = b * (2 * hkv + 2 * h) * state + b * h * n * window * 10 * d
             return fwd if mode == "fwd" else fwd + bwd
+        lag = math.ceil(band / chunk) if band else 0
         chunks = n / chunk
         state = 2.0 * r * (d + 1) * chunk  # one [r, C] x [C, D+1] product
         direct = 2.0 * g * chunk * (lag + 1) * chunk * d  # one [G C, K] x [K, D] product

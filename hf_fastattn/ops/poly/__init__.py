@@ -29,6 +29,12 @@ def _triton_available() -> bool:
     return True
 
 
+def auto_uses_triton(is_cuda: bool, degree: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether kernel="auto" runs the Triton kernels (for inputs longer than one chunk)."""
+    fits = is_cuda and degree == 2 and head_dim <= _TRITON_MAX_D and dtype != torch.float64
+    return fits and _triton_available() and not _TRITON_FAILED
+
+
 def poly_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,8 +78,7 @@ def poly_attention(
         from .triton import poly_triton_attention
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
-    fits = degree == 2 and q.shape[-1] <= _TRITON_MAX_D and q.dtype != torch.float64
-    if kernel == "auto" and q.is_cuda and fits and _triton_available() and not _TRITON_FAILED:
+    if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype):
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
