@@ -256,6 +256,8 @@ def pad_to_chunks(q, k, v, kv_valid, chunk):
     left = (-(nk - nq)) % chunk
     right = (-(left + nk)) % chunk
     valid = torch.ones(k.shape[0], nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    if left == right == 0:  # no copies (q, k, v take gigabytes at 1M tokens)
+        return q.contiguous(), k.contiguous(), v.contiguous(), valid
     valid = F.pad(valid, (left, right), value=False)
     kp, vp = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
     return F.pad(q, (0, 0, 0, right)).contiguous(), kp.contiguous(), vp.contiguous(), valid

@@ -3,32 +3,35 @@
 
 Same function as `chunk.py`, scheduled for tensor cores:
 
-* Augmented vectors. P(z) = c0 + c1 z + c2 z^2 = c2 (z + delta)^2 + gamma with delta = c1 / (2 c2),
-  gamma = c0 - c1^2 / (4 c2). With q~ = [sqrt(s) q, sign(delta) sqrt|delta|], k~ = [sqrt(s) k, sqrt|delta|]
-  (D + 1 dims, zero-padded to whole blocks), s q.k + delta = q~.k~, so the far part is
-  c2 sum_j (q~.k~_j)^2 [v_j, 1] plus the constant gamma sum_j [v_j, 1] (a prefix sum, done in torch).
-  Only one feature family remains: products of two coordinates.
-* Feature tiles. The D~ x D~ outer product is cut into blocks of BA x BA coordinates; tile (A, B), A <= B,
-  holds F = BA^2 features x_a x_b (off-diagonal tiles weigh twice: the symmetric half). A tile's features of
-  a block of rows are built on the fly, as the register outer product of two [rows, BA] loads (never written
-  to HBM); the VJPs fold the gradient back the same way and add it with atomics (tiles share coordinates).
-* Segments instead of a per-chunk state. The prefix state S = sum_j phi(k~_j) v_j^T is stored only at
-  segment boundaries (every SEG chunks; `segment` tokens). Query chunk c reads the state of its segment
-  boundary s(c) and computes every later key directly (band keys exact, the rest P(x)), like a sliding-window
-  flash kernel. So every product is a large tensor-core GEMM with no cross-program reduction of outputs:
-  `_state_fwd` sweeps the keys once per (tile, value block) and stores S at the boundaries (float32
-  accumulation, stored in the dot dtype), `_far_fwd` reads all tiles of one boundary state per block of
-  queries. The backward mirrors it: `_far_bwd_dq` reads S, `_state_bwd` sweeps the query-side state
-  U = sum_i coef phi(q~_i) dNF_i^T in reverse, `_far_bwd_v` / `_far_bwd_k` read U per key block.
-  State memory is B Hkv (N / segment) r D: `segment` is chosen to keep it under a budget.
+* Feature blocks. With x~ = sqrt(s) x (the scale folded into both sides, in registers),
+  P(s q.k) = c2 (q~.k~)^2 + c1 q~.k~ + c0 = sum over features phi_q(q) phi_k(k). Two kinds of blocks:
+  quadratic tiles (A, B), A <= B, of BA x BA coordinates, F = BA^2 features x~_a x~_b (weight c2, or 2 c2
+  off the diagonal: the symmetric half), built as the register outer product of two [rows, BA] loads; and
+  linear blocks of BL = 16 coordinates of [x~, 1], F = 16 features (weight c1, and c0 on the constant
+  coordinate D). So D = 128 has 36 tiles + 9 linear blocks (9360 feature rows), with no padding of the
+  quadratic part; features are never written to HBM. The VJPs fold a block's gradient back onto its
+  coordinates and add it with atomics (blocks share coordinates).
+* Segments instead of a per-chunk state. The prefix state S = sum_j phi_k(k_j) v_j^T is stored only at
+  segment boundaries (every SEG chunks; `segment` tokens). A block of R query chunks reads the state of its
+  boundary and computes every later key directly (band keys exact, the rest P(x)), like a sliding-window
+  flash kernel. So every product is a tensor-core GEMM with no cross-program reduction of outputs:
+  `_state_fwd` sweeps the keys once per (block, value block) and stores S at the boundaries (float32
+  accumulation, stored in the dot dtype); `_fwd` reads all blocks of one boundary state, adds the direct
+  window and writes the normalised output (plus the row shift m and denominator: no [N, D] float32 partials).
+  The backward mirrors it: `_direct_bwd` forms dL/d[num, den] from (dout, out, den) on the fly,
+  `_far_bwd_dq` reads S, `_state_bwd` sweeps the query-side state U = sum_i phi_q(q_i) dNF_i^T in reverse,
+  `_far_bwd_v` / `_far_bwd_k` read U per key block. State memory is B Hkv (N / segment) 9360 D (D = 128):
+  `segment` is chosen to keep it under a budget.
 
 Precision: dots of float32 inputs run on TF32 tensor cores (about 1e-3 relative, the tolerance of the GPU
 tests); 16-bit inputs feed bf16 dots (fp16 values would overflow in the states), products accumulate in
 float32, and the boundary states are accumulated in float32 and stored in bf16 (the operand precision of the
 readout GEMM that consumes them).
 
-Measured on an H100 (bf16, H = 16, fwd+bwd; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at
-128k and 22.7x at 1M for D = 64, 1.2x at 128k and 2.3x at 256k for D = 128; 4-8 % of tensor-core peak.
+Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|] coordinates padded to 144,
+a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
+D = 64, 1.2x at 128k and 2.3x at 256k for D = 128. This layout has 19 % (D = 128) to 31 % (D = 64) fewer
+feature rows and no float32 [N, D + 1] buffers; its GPU numbers are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
 """
@@ -45,7 +48,9 @@ from ..masks import acc_dtype
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
-BA = 16  # default coordinates per feature block: a tile holds BA * BA = 256 features
+BA = 16  # default coordinates per quadratic tile: a tile holds BA * BA = 256 features
+BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
+_BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps.
 TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128}
@@ -60,7 +65,7 @@ def _tanh(x):
 @triton.jit
 def _state_of(c, C0, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr):
     """Boundary state read by key chunk c's queries: keys of chunks < s * SEG. Chunks of one block of R
-    query chunks share it (so `_far_fwd` reads one state per block); s * SEG <= c - LAG keeps the band out."""
+    query chunks share it (so `_fwd` reads one state per block); s * SEG <= c - LAG keeps the band out."""
     first = C0 + ((c - C0) // R) * R
     return tl.maximum(first - LAG, 0) // SEG
 
@@ -92,119 +97,93 @@ def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCA
     return w, dw
 
 
+# ----------------------------------------------------------------------------------- feature blocks
 @triton.jit
-def _direct_fwd(
-    Q, K, V, VALID, BOUND, HASFAR, ND, M,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_nb, s_nh, s_nn,
-    NQ, NK, H, G, scale, band, c0, c1, c2, softcap,
-    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
-):
-    """Query chunk i_c against the keys after its boundary state (sliding window): ND = [num, den], M = row shift."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    C0 = (NK - NQ) // BT
-    kc = C0 + i_c  # key chunk of the diagonal
-    o_t = tl.arange(0, BT)
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    o_q = kc * BT + o_t  # key slots of the query rows
-    rows = i_c * BT + o_t
-    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D, other=0.0)
-    p_k = K + i_b * s_kb + i_hk * s_kh + o_d[None, :]
-    p_v = V + i_b * s_vb + i_hk * s_vh + o_dv[None, :]
-    b_m = tl.full([BT], float("-inf"), tl.float32)
-    for kb in range(tl.maximum(kc - LAG, 0), kc + 1):  # pass 1: the largest band logit of every row
-        o_k = kb * BT + o_t
-        b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
-        m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        x = tl.dot(b_q, tl.trans(b_k)) * scale  # [BT, BT]
-        dist = o_q[:, None] - o_k[None, :]
-        near = (dist >= 0) & (dist < band) & m_k[None, :]
-        if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
-        b_m = tl.maximum(b_m, tl.max(tl.where(near, x, float("-inf")), 1))
-    bound = tl.load(BOUND + i_bh * NQ + rows)
-    hasfar = tl.load(HASFAR + i_b * NQ + rows) > 0
-    b_m = tl.maximum(b_m, tl.where(hasfar, bound, float("-inf")))
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_acc = tl.zeros([BT, BDV], tl.float32)
-    b_den = tl.zeros([BT], tl.float32)
-    for kb in range(_state_of(kc, C0, LAG, SEG, R) * SEG, kc + 1):  # pass 2: weights
-        o_k = kb * BT + o_t
-        b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0)
-        m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
-        b_acc += tl.dot(w.to(DT), b_v.to(DT))
-        b_den += tl.sum(w, 1)
-    p_n = ND + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
-    tl.store(p_n + o_dv[None, :], b_acc, mask=o_dv[None, :] < DV)
-    tl.store(ND + i_b * s_nb + i_h * s_nh + rows * s_nn + DV, b_den)
-    tl.store(M + i_bh * NQ + rows, b_m)
+def _block(TA, TB, t, state, NR, BASE, BA_: tl.constexpr, F: tl.constexpr, LIN: tl.constexpr):
+    """Block t's first coordinates (a0, b0) and the flat row offsets of its F features in state `state` of a
+    [states, NR, DV] buffer (quadratic tiles first, linear blocks from row BASE; int64: the buffers pass 2^31
+    elements at long contexts)."""
+    rows = state.to(tl.int64) * NR + BASE + t * F + tl.arange(0, F)
+    if LIN:
+        return t * BA_, t * BA_, rows
+    else:
+        return tl.load(TA + t) * BA_, tl.load(TB + t) * BA_, rows
 
 
 @triton.jit
-def _direct_bwd(
-    Q, K, V, VALID, M, DND, DQ, DK, DV_,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_nb, s_nh, s_nn,
-    NQ, NK, H, G, scale, band, c0, c1, c2, softcap,
-    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
-):
-    """dND = dL/d[num, den] of the direct part; dW_ij = dND_i . [v_j, 1]. dq stored, dk/dv added atomically
-    (several query chunks read the same keys)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    C0 = (NK - NQ) // BT
-    kc = C0 + i_c
-    o_t = tl.arange(0, BT)
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    o_q = kc * BT + o_t
-    rows = i_c * BT + o_t
-    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D, other=0.0)
-    p_dn = DND + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
-    b_dn = tl.load(p_dn + o_dv[None, :], mask=o_dv[None, :] < DV, other=0.0).to(DT)  # [BT, BDV]
-    b_dd = tl.load(DND + i_b * s_nb + i_h * s_nh + rows * s_nn + DV)  # [BT]
-    b_m = tl.load(M + i_bh * NQ + rows)
-    b_dq = tl.zeros([BT, BD], tl.float32)
-    k_off = i_b * s_kb + i_hk * s_kh + o_d[None, :]
-    v_off = i_b * s_vb + i_hk * s_vh + o_dv[None, :]
-    for kb in range(_state_of(kc, C0, LAG, SEG, R) * SEG, kc + 1):
-        o_k = kb * BT + o_t
-        b_k = tl.load(K + k_off + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
-        b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
-        m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
-        dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
-        dx = (dwdx * dw * scale).to(DT)
-        b_dq += tl.dot(dx, b_k.to(DT))
-        tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
-        tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn), mask=o_dv[None, :] < DV)
-    tl.store(DQ + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], b_dq, mask=o_d[None, :] < D)
-
-
-# ------------------------------------------------------------------------------------ feature tiles
-@triton.jit
-def _tile(TA, TB, i_t, BA_: tl.constexpr):
-    """First coordinates of tile i_t's blocks A and B."""
-    return tl.load(TA + i_t) * BA_, tl.load(TB + i_t) * BA_
+def _coef(a0, b0, c0, c1, c2, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+    """A block's feature weights (query side): c2, 2 c2 off the diagonal (both orders of a coordinate pair);
+    linear blocks c1, and c0 on the constant coordinate D ([1, BL])."""
+    if LIN:
+        return tl.where(tl.arange(0, BA_) + a0 == D, c0, c1)[None, :]
+    else:
+        return tl.where(a0 == b0, c2, 2.0 * c2)
 
 
 @triton.jit
-def _coef(a0, b0, c2):
-    """A tile's weight: off-diagonal tiles stand for both orders of their coordinate pairs."""
-    return tl.where(a0 == b0, c2, 2.0 * c2)
+def _coords(X, p_rows, a0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr):
+    """Coordinates a0 .. a0 + BA of x~ = rs x for a block of rows, [rows, BA] float32 (0 beyond D).
+    p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
+    o_a = tl.arange(0, BA_) + a0  # tensor first: a0 can be a constexpr (linear blocks, interpreter)
+    return tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32) * rs
 
 
 @triton.jit
-def _tile_rows(state, t, NT, F: tl.constexpr):
-    """Flat row offsets of tile t's F features in state `state` of a [states, NT, F, DV] buffer (int64: the
-    buffers pass 2^31 elements at long contexts)."""
-    return (state * NT + t).to(tl.int64) * F + tl.arange(0, F)
+def _factors(X, p_rows, a0, b0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr):
+    """The two gathered factors x~_{a0 + f // BA}, x~_{b0 + f % BA} of a tile's features, [rows, F] each."""
+    o_f = tl.arange(0, BA_ * BA_)
+    o_a, o_b = a0 + o_f // BA_, b0 + o_f % BA_
+    xa = tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32)
+    xb = tl.load(X + p_rows + o_b[None, :], mask=m_r & (o_b[None, :] < D), other=0.0).to(tl.float32)
+    return xa * rs, xb * rs
+
+
+@triton.jit
+def _phi(X, p_rows, a0, b0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr,
+         RESHAPE: tl.constexpr):
+    """Unweighted features of a block of rows, [rows, F] float32. Linear: [x~, 1] (1 on coordinate D of valid
+    rows). Quadratic: the outer product of two [rows, BA] loads flattened in registers (RESHAPE), or the
+    product of the two gathered [rows, F] factors."""
+    if LIN:
+        o_a = tl.arange(0, BA_) + a0
+        return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, rs, D, BA_))
+    elif RESHAPE:
+        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
+        xb = _coords(X, p_rows, b0, m_r, rs, D, BA_)
+        return tl.reshape(xa[:, :, None] * xb[:, None, :], (p_rows.shape[0], BA_ * BA_))
+    else:
+        xa, xb = _factors(X, p_rows, a0, b0, m_r, rs, D, BA_)
+        return xa * xb
+
+
+@triton.jit
+def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
+                 DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """Add d/dx of sum(g * phi(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs; the
+    constant coordinate and the padding beyond D are dropped). Quadratic, RESHAPE: g viewed as [rows, BA, BA]
+    and summed against the partner block; else products with 0/1 selector matrices [F, BS] (BS = max(BA, 16),
+    the smallest tl.dot width) of the gathered factors."""
+    o_a = tl.arange(0, BA_)
+    if LIN:
+        tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * rs, mask=m_r & ((o_a + a0)[None, :] < D))
+    elif RESHAPE:
+        xa = _coords(X, p_x, a0, m_r, rs, D, BA_)
+        xb = _coords(X, p_x, b0, m_r, rs, D, BA_)
+        g3 = tl.reshape(g, (p_x.shape[0], BA_, BA_))
+        da = tl.sum(g3 * xb[:, None, :], 2) * rs  # [rows, BA]
+        db = tl.sum(g3 * xa[:, :, None], 1) * rs
+        tl.atomic_add(G_ + p_g + (a0 + o_a)[None, :], da, mask=m_r & ((a0 + o_a)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (b0 + o_a)[None, :], db, mask=m_r & ((b0 + o_a)[None, :] < D))
+    else:
+        xa, xb = _factors(X, p_x, a0, b0, m_r, rs, D, BA_)
+        o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
+        sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
+        sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
+        da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
+        db = tl.dot((g * xa).to(DT), sel_b) * rs
+        ok = o_s[None, :] < BA_
+        tl.atomic_add(G_ + p_g + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
 
 
 @triton.jit
@@ -227,79 +206,20 @@ def _key_block(i_j, i_b, VALID, NK, R: tl.constexpr, BT: tl.constexpr):
     return o_k, o_k[:, None] < NK, valid
 
 
+# ------------------------------------------------------------------------------------------ forward
 @triton.jit
-def _factors(X, p_rows, a0, b0, m_r, BA_: tl.constexpr):
-    """The two gathered factors of the features x_{a0 + f // BA} x_{b0 + f % BA} of a block of rows
-    ([rows, F] each, float32). p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
-    o_f = tl.arange(0, BA_ * BA_)
-    xa = tl.load(X + p_rows + (a0 + o_f // BA_)[None, :], mask=m_r, other=0.0).to(tl.float32)
-    xb = tl.load(X + p_rows + (b0 + o_f % BA_)[None, :], mask=m_r, other=0.0).to(tl.float32)
-    return xa, xb
-
-
-@triton.jit
-def _features(X, p_rows, a0, b0, m_r, BA_: tl.constexpr, RESHAPE: tl.constexpr):
-    """Features of a block of rows, [rows, F] float32: the outer product of two [rows, BA] loads flattened in
-    registers (RESHAPE), or the product of the two gathered [rows, F] factors."""
-    if RESHAPE:
-        o_a = tl.arange(0, BA_)
-        xa = tl.load(X + p_rows + (a0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
-        xb = tl.load(X + p_rows + (b0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
-        return tl.reshape(xa[:, :, None] * xb[:, None, :], (p_rows.shape[0], BA_ * BA_))
-    else:
-        xa, xb = _factors(X, p_rows, a0, b0, m_r, BA_)
-        return xa * xb
-
-
-@triton.jit
-def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
-                 DT: tl.constexpr, RESHAPE: tl.constexpr):
-    """Add d/dx of sum(g * features(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs:
-    x~ = rs x; the constant coordinate D and the padding are dropped). RESHAPE: g viewed as [rows, BA, BA] and
-    summed against the partner block; else products with 0/1 selector matrices [F, BS] (BS = max(BA, 16),
-    the smallest tl.dot width) of the gathered factors."""
-    if RESHAPE:
-        o_a = tl.arange(0, BA_)
-        xa = tl.load(X + p_x + (a0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
-        xb = tl.load(X + p_x + (b0 + o_a)[None, :], mask=m_r, other=0.0).to(tl.float32)
-        g3 = tl.reshape(g, (p_x.shape[0], BA_, BA_))
-        da = tl.sum(g3 * xb[:, None, :], 2) * rs  # [rows, BA]
-        db = tl.sum(g3 * xa[:, :, None], 1) * rs
-        tl.atomic_add(G_ + p_g + (a0 + o_a)[None, :], da, mask=m_r & ((a0 + o_a)[None, :] < D))
-        tl.atomic_add(G_ + p_g + (b0 + o_a)[None, :], db, mask=m_r & ((b0 + o_a)[None, :] < D))
-    else:
-        xa, xb = _factors(X, p_x, a0, b0, m_r, BA_)
-        o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
-        sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
-        sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
-        da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
-        db = tl.dot((g * xa).to(DT), sel_b) * rs
-        ok = o_s[None, :] < BA_
-        tl.atomic_add(G_ + p_g + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
-        tl.atomic_add(G_ + p_g + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
-
-
-@triton.jit
-def _state_fwd(
-    KA, V, VALID, TA, TB, S, SD,
-    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    NK, HKV, NS, NT,
-    SEG: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr,
-    RESHAPE: tl.constexpr,
-):
-    """Keys sweep of tile i_t, value block i_e: stores S_s = sum over chunks < s SEG of phi(k~) v^T for every
-    boundary s < NS ([F, BDV] float32 in registers, stored as DT) and the denominator state SD_s = sum phi(k~)."""
-    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0 = _tile(TA, TB, i_t, BA_)
-    F: tl.constexpr = BA_ * BA_
+def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                NK, NS, NR, BASE, rs, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr,
+                RESHAPE: tl.constexpr):
+    """Block t's key sweep (see `_state_fwd`)."""
     o_t = tl.arange(0, BT)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     b_s = tl.zeros([F, BDV], tl.float32)
     b_sd = tl.zeros([F], tl.float32)
     for s in range(0, NS):
-        p_s = _tile_rows(i_bh * NS + s, i_t, NT, F)
+        a0, b0, p_s = _block(TA, TB, t, i_bh * NS + s, NR, BASE, BA_, F, LIN)
         tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(SD + p_s, b_sd)
@@ -307,93 +227,218 @@ def _state_fwd(
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
                 valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-                fk = _features(KA, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, BA_,
-                               RESHAPE) * valid[:, None]
+                fk = _phi(K, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, rs, D, BA_,
+                          LIN, RESHAPE) * valid[:, None]
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
                 b_sd += tl.sum(fk, 0)
 
 
 @triton.jit
-def _far_fwd(
-    QA, S, SD, TA, TB, NF,
-    s_qb, s_qh, s_qn, s_nb, s_nh, s_nn,
-    NQ, NK, H, G, NS, NT, c2,
-    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
-    BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
+def _state_fwd(
+    K, V, VALID, TA, TB, S, SD,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    NK, HKV, NS, NT, NR, BASE, rs,
+    SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
+    DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
-    """Far part NF = [num, den] of a block of R query chunks, value block i_e: sum over tiles of
-    coef phi(q~) S_s (all tiles of one boundary state; no cross-program reduction)."""
+    """Key sweep of feature block i_t (tiles, then linear blocks), value block i_e: stores
+    S_s = sum over chunks < s SEG of phi_k(k) v^T for every boundary s < NS ([F, BDV] float32 in registers,
+    stored as DT) and the denominator state SD_s = sum phi_k(k)."""
+    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    # (no tuple unpacking in jit code: the two calls spell out their arguments)
+    if i_t < NT:
+        _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                    NK, NS, NR, 0, rs, SEG, D, DV, BT, BDV, BA_, BA_ * BA_, DT, False, RESHAPE)
+    else:
+        _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t - NT, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                    NK, NS, NR, BASE, rs, SEG, D, DV, BT, BDV, _BL, _BL, DT, True, RESHAPE)
+
+
+@triton.jit
+def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs, c0, c1, c2,
+                D: tl.constexpr, DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
+                LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
+    a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
+    fq = _phi(X, p_x, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE) * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+    b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
+    acc += tl.dot(fq.to(DT), b_s.to(DT))
+    den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
+    return acc, den
+
+
+@triton.jit
+def _fwd(
+    Q, K, V, VALID, BOUND, HASFAR, S, SD, TA, TB, O, M, DEN,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    NQ, NK, H, G, NS, NT, NL, NR, BASE, scale, rs, band, c0, c1, c2, softcap,
+    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+    RESHAPE: tl.constexpr,
+):
+    """Output of a block of R query chunks, value block i_e: the boundary state's far part (all feature
+    blocks) plus the keys after the boundary computed directly, normalised. Also stores the row shift M and
+    the denominator DEN (the backward's only per-row state)."""
     i_c, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_h, rows, m_r, s, state = _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG, SEG, R, BT)
-    F: tl.constexpr = BA_ * BA_
+    i_hk = i_h // G
+    C0 = (NK - NQ) // BT
+    kc0 = C0 + i_c * R  # key chunk of the block's first query chunk
+    kc1 = tl.minimum(kc0 + R, NK // BT)  # one past its last (the last block can be partial)
+    o_q = C0 * BT + rows  # key slots of the query rows
+    o_t, o_d = tl.arange(0, BT), tl.arange(0, BD)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
+    p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
+    b_q = tl.load(Q + p_q + o_d[None, :], mask=m_r & (o_d[None, :] < D), other=0.0)
+    p_k = K + i_b * s_kb + i_hk * s_kh + o_d[None, :]
+    b_m = tl.full([R * BT], float("-inf"), tl.float32)
+    for kb in range(tl.maximum(kc0 - LAG, 0), kc1):  # the largest band logit of every row
+        o_k = kb * BT + o_t
+        b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
+        m_k = tl.load(VALID + i_b * NK + o_k) > 0
+        x = tl.dot(b_q, tl.trans(b_k)) * scale  # [R BT, BT]
+        dist = o_q[:, None] - o_k[None, :]
+        near = (dist >= 0) & (dist < band) & m_k[None, :]
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        b_m = tl.maximum(b_m, tl.max(tl.where(near, x, float("-inf")), 1))
+    bound = tl.load(BOUND + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
+    hasfar = tl.load(HASFAR + i_b * NQ + rows, mask=rows < NQ, other=0) > 0
+    b_m = tl.maximum(b_m, tl.where(hasfar, bound, float("-inf")))
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_acc = tl.zeros([R * BT, BDV], tl.float32)
     b_den = tl.zeros([R * BT], tl.float32)
-    if s > 0:
-        p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
+    if s > 0:  # far keys in the boundary state, scaled by e^{-m} like the direct far weights
         for t in range(0, NT):
-            a0, b0 = _tile(TA, TB, t, BA_)
-            coef = _coef(a0, b0, c2)
-            fq = _features(QA, p_q, a0, b0, m_r, BA_, RESHAPE) * coef
-            p_s = _tile_rows(state, t, NT, F)
-            b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
-            b_acc += tl.dot(fq.to(DT), b_s.to(DT))
-            if i_e == 0:
-                b_den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
-    p_n = NF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
-    tl.store(p_n + o_e[None, :], b_acc, mask=m_r & m_e)
+            b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, rs,
+                                       c0, c1, c2, D, DV, BA_, BA_ * BA_, DT, False, RESHAPE)
+        for t in range(0, NL):
+            b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs,
+                                       c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
+        em = tl.exp(-b_m)
+        b_acc *= em[:, None]
+        b_den *= em
+    p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
+    for kb in range(s * SEG, kc1):  # the keys after the boundary, directly
+        o_k = kb * BT + o_t
+        b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
+        b_v = tl.load(p_v + o_k[:, None] * s_vn, mask=m_e, other=0.0)
+        m_k = tl.load(VALID + i_b * NK + o_k) > 0
+        x = tl.dot(b_q, tl.trans(b_k)) * scale
+        w, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+        b_acc += tl.dot(w.to(DT), b_v.to(DT))
+        b_den += tl.sum(w, 1)
+    # a row that sees no valid key (left padding) has num = den = 0: output 0 (finite gradient, see backward)
+    out = b_acc / tl.where(b_den > 0, b_den, 1.0)[:, None]
+    tl.store(O + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_e[None, :], out.to(O.dtype.element_ty),
+             mask=m_r & m_e)
     if i_e == 0:
-        tl.store(NF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV, b_den, mask=rows < NQ)
+        tl.store(M + i_bh * NQ + rows, b_m, mask=rows < NQ)
+        tl.store(DEN + i_bh * NQ + rows, b_den, mask=rows < NQ)
+
+
+# ----------------------------------------------------------------------------------------- backward
+@triton.jit
+def _direct_bwd(
+    Q, K, V, VALID, O, DO, M, DEN, FA, FB, DQ, DK, DV_,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    NQ, NK, H, G, scale, band, c0, c1, c2, softcap,
+    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+):
+    """Query chunk i_c: with out = num / den, dL/d[num, den] = [dout, -dout.out] / den. The direct window's
+    dW_ij = dL/dnum_i . v_j + dL/dden_i; dq stored, dk/dv added atomically (several query chunks read the same
+    keys). Stores the far part's row factors: dL/dNF = [dout FA, FB] (FA = e^{-m} / den, FB = -e^{-m} dout.out
+    / den), read by the far kernels instead of a [N, D + 1] float32 buffer."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // G
+    C0 = (NK - NQ) // BT
+    kc = C0 + i_c
+    o_t = tl.arange(0, BT)
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    o_q = kc * BT + o_t
+    rows = i_c * BT + o_t
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D, other=0.0)
+    p_o = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :]
+    b_do = tl.load(DO + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)  # [BT, BDV]
+    b_o = tl.load(O + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
+    den = tl.load(DEN + i_bh * NQ + rows)
+    rden = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)  # rows without keys: zero gradient
+    b_m = tl.load(M + i_bh * NQ + rows)
+    b_dd = -tl.sum(b_do * b_o, 1) * rden  # [BT]
+    em = tl.exp(-b_m)
+    tl.store(FA + i_bh * NQ + rows, em * rden)
+    tl.store(FB + i_bh * NQ + rows, em * b_dd)
+    b_dn = (b_do * rden[:, None]).to(DT)
+    b_dq = tl.zeros([BT, BD], tl.float32)
+    k_off = i_b * s_kb + i_hk * s_kh + o_d[None, :]
+    v_off = i_b * s_vb + i_hk * s_vh + o_dv[None, :]
+    for kb in range(_state_of(kc, C0, LAG, SEG, R) * SEG, kc + 1):
+        o_k = kb * BT + o_t
+        b_k = tl.load(K + k_off + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
+        b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
+        m_k = tl.load(VALID + i_b * NK + o_k) > 0
+        x = tl.dot(b_q, tl.trans(b_k)) * scale
+        w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+        dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
+        dx = (dwdx * dw * scale).to(DT)
+        b_dq += tl.dot(dx, b_k.to(DT))
+        tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
+        tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn), mask=o_dv[None, :] < DV)
+    tl.store(DQ + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], b_dq, mask=o_d[None, :] < D)
+
+
+@triton.jit
+def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
+              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
+              BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """Feature block t's part of dq: g = coef (dNF_num S_t^T + dNF_den SD_t) [rows, F], then the VJP."""
+    a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
+    g = fb[:, None] * tl.load(SD + p_s)[None, :]
+    for e0 in tl.static_range(0, DV, BDV):
+        o_e = e0 + tl.arange(0, BDV)
+        b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
+        b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
+        g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
+    g = g * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
 def _far_bwd_dq(
-    QA, S, SD, TA, TB, DNF, DQ,
-    s_qb, s_qh, s_qn, s_nb, s_nh, s_nn, s_db, s_dh, s_dn,
-    NQ, NK, H, G, NS, NT, c2, rs,
+    Q, DO, FA, FB, S, SD, TA, TB, DQ,
+    s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
+    NQ, NK, H, G, NS, NT, NL, NR, BASE, rs, c0, c1, c2,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
     BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
-    """dq of the far part: per tile, g = coef (dNF_num S^T + dNF_den SD) [rows, F], then the features' VJP."""
+    """dq of the far part of a block of R query chunks: all feature blocks of its boundary state."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h, rows, m_r, s, state = _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG, SEG, R, BT)
-    F: tl.constexpr = BA_ * BA_
     if s > 0:
         p_q = i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn
         p_dq = i_b * s_db + i_h * s_dh + rows[:, None] * s_dn
-        p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
-        b_dd = tl.load(DNF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV, mask=rows < NQ, other=0.0)
+        p_do = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on
+        fa = tl.load(FA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
+        fb = tl.load(FB + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         for t in range(0, NT):
-            a0, b0 = _tile(TA, TB, t, BA_)
-            coef = _coef(a0, b0, c2)
-            p_s = _tile_rows(state, t, NT, F)
-            g = b_dd[:, None] * tl.load(SD + p_s)[None, :]
-            for e0 in tl.static_range(0, DV, BDV):
-                o_e = e0 + tl.arange(0, BDV)
-                b_dn = tl.load(p_dn + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
-                b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
-                g += tl.dot(b_dn.to(DT), tl.trans(b_s.to(DT)))
-            _feature_vjp(QA, p_q, DQ, p_dq, a0, b0, g * coef, rs, m_r, D, BA_, BS, DT, RESHAPE)
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, rs, c0, c1, c2,
+                      D, DV, BDV, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
+        for t in range(0, NL):
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
+                      D, DV, BDV, _BL, _BL, BS, DT, True, RESHAPE)
 
 
 @triton.jit
-def _state_bwd(
-    QA, DNF, TA, TB, U, UD,
-    s_qb, s_qh, s_qn, s_nb, s_nh, s_nn,
-    NQ, NK, HKV, NS, NT, c2,
-    G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
-):
-    """Reverse sweep of the query-side state: U_s = sum over query chunks c with state(c) > s of
-    coef phi(q~_c)^T dNF_c (numerator columns, value block i_e) and UD_s the same with the denominator
-    column; stored for key segments s < NS - 1 (segment s is in the states s + 1, s + 2, ...)."""
-    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    a0, b0 = _tile(TA, TB, i_t, BA_)
-    coef = _coef(a0, b0, c2)
-    F: tl.constexpr = BA_ * BA_
+def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
+                   NQ, NK, H, NS, NR, BASE, rs, c0, c1, c2, G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr,
+                   R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
+                   BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """Block t's reverse query sweep (see `_state_bwd`)."""
     o_t = tl.arange(0, BT)
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
@@ -403,94 +448,147 @@ def _state_bwd(
     b_ud = tl.zeros([F], tl.float32)
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
+        a0, b0, p_u = _block(TA, TB, t, i_bh * (NS - 1) + s, NR, BASE, BA_, F, LIN)
+        coef = _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
         # the query chunks whose state is exactly s + 1 (bounds recomputed: a loop-carried bound miscompiles)
         lo = _first_reader(s + 1, C0, LAG, SEG, R)
         hi = tl.minimum(_first_reader(s + 2, C0, LAG, SEG, R), NC)
         for c in range(lo, hi):
             rows = (c - C0) * BT + o_t
             for g in tl.static_range(G):
-                i_h = i_hk * G + g
-                fq = _features(QA, i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT, BA_,
-                               RESHAPE) * coef
-                p_dn = DNF + i_b * s_nb + i_h * s_nh + rows[:, None] * s_nn
-                b_dn = tl.load(p_dn + o_e[None, :], mask=m_e, other=0.0)
+                i_h = i_b * H + i_hk * G + g  # flat (batch, head) of the [B, H, NQ] row factors
+                fq = _phi(Q, i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT,
+                          rs, D, BA_, LIN, RESHAPE) * coef
+                p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
+                b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 if i_e == 0:
-                    b_ud += tl.sum(fq * tl.load(DNF + i_b * s_nb + i_h * s_nh + rows * s_nn + DV)[:, None], 0)
-        p_u = _tile_rows(i_bh * (NS - 1) + s, i_t, NT, F)
+                    b_ud += tl.sum(fq * tl.load(FB + i_h * NQ + rows)[:, None], 0)
         tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
         if i_e == 0:
             tl.store(UD + p_u, b_ud)
 
 
 @triton.jit
-def _far_bwd_v(
-    KA, VALID, U, TA, TB, DV_,
-    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    NK, HKV, NS, NT,
-    SEG: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
-    DT: tl.constexpr, RESHAPE: tl.constexpr,
+def _state_bwd(
+    Q, DO, FA, FB, TA, TB, U, UD,
+    s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
+    NQ, NK, HKV, NS, NT, NR, BASE, rs, c0, c1, c2,
+    G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
-    """dv of the far part for a block of R key chunks (one segment): sum over tiles of phi(k~) U_s."""
+    """Reverse sweep of the query-side state of feature block i_t: U_s = sum over query chunks c with
+    state(c) > s of phi_q(q_c)^T dNF_c (numerator columns, value block i_e) and UD_s the same with the
+    denominator column; stored for key segments s < NS - 1 (segment s is in the states s + 1, s + 2, ...)."""
+    i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    if i_t < NT:
+        _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t, i_e, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
+                       NQ, NK, HKV * G, NS, NR, 0, rs, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, BA_, BA_ * BA_, DT,
+                       False, RESHAPE)
+    else:
+        _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t - NT, i_e, s_qb, s_qh, s_qn, s_ob, s_oh,
+                       s_on, NQ, NK, HKV * G, NS, NR, BASE, rs, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, _BL, _BL,
+                       DT, True, RESHAPE)
+
+
+@triton.jit
+def _dv_block(acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D: tl.constexpr, DV: tl.constexpr,
+              BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """acc += phi_k(k) U_t."""
+    a0, b0, p_u = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
+    fk = _phi(K, p_k, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE)
+    b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
+    return acc + tl.dot(fk.to(DT), b_u.to(DT))
+
+
+@triton.jit
+def _far_bwd_v(
+    K, VALID, U, TA, TB, DV_,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    NK, HKV, NS, NT, NL, NR, BASE, rs,
+    SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
+    BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
+):
+    """dv of the far part for a block of R key chunks (one segment): sum over feature blocks of phi_k(k) U_s."""
     i_j, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    F: tl.constexpr = BA_ * BA_
     s = (i_j * R) // SEG
     if s < NS - 1:
         o_k, m_r, valid = _key_block(i_j, i_b, VALID, NK, R, BT)
         o_e = i_e * BDV + tl.arange(0, BDV)
         m_e = o_e[None, :] < DV
         p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
+        state = i_bh * (NS - 1) + s
         b_acc = tl.zeros([R * BT, BDV], tl.float32)
         for t in range(0, NT):
-            a0, b0 = _tile(TA, TB, t, BA_)
-            fk = _features(KA, p_k, a0, b0, m_r, BA_, RESHAPE)
-            p_u = _tile_rows(i_bh * (NS - 1) + s, t, NT, F)
-            b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
-            b_acc += tl.dot(fk.to(DT), b_u.to(DT))
+            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, 0, o_e, m_e, rs, D, DV, BA_, BA_ * BA_,
+                              DT, False, RESHAPE)
+        for t in range(0, NL):
+            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D, DV, _BL, _BL, DT,
+                              True, RESHAPE)
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
         # one program per key block: a plain read-add-write after `_direct_bwd` (same stream) is race-free
         tl.store(p_dv, tl.load(p_dv, mask=m_r & m_e) + b_acc * valid[:, None], mask=m_r & m_e)
 
 
 @triton.jit
+def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, rs, D: tl.constexpr,
+              DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
+              BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+    """Feature block t's part of dk: g = v U_t^T + UD_t ([rows, F], the values' column of ones gives UD), then
+    the VJP."""
+    a0, b0, p_u = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
+    g = tl.zeros([RB, F], tl.float32) + tl.load(UD + p_u)[None, :]
+    for e0 in tl.static_range(0, DV, BDV):
+        o_e = e0 + tl.arange(0, BDV)
+        b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
+        b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
+        g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
+    _feature_vjp(K, p_k, DK, p_dk, a0, b0, g * valid[:, None], rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
+
+
+@triton.jit
 def _far_bwd_k(
-    KA, V, VALID, U, UD, TA, TB, DK,
+    K, V, VALID, U, UD, TA, TB, DK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    NK, HKV, NS, NT, rs,
+    NK, HKV, NS, NT, NL, NR, BASE, rs,
     SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
     BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
-    """dk of the far part: per tile, g = v U_s^T + UD_s ([rows, F], the values' column of ones gives UD),
-    then the features' VJP."""
+    """dk of the far part for a block of R key chunks: all feature blocks of its segment's U."""
     i_j, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    F: tl.constexpr = BA_ * BA_
     s = (i_j * R) // SEG
     if s < NS - 1:
         o_k, m_r, valid = _key_block(i_j, i_b, VALID, NK, R, BT)
         p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
         p_dk = i_b * s_db + i_hk * s_dh + o_k[:, None] * s_dn
         p_v = V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn
+        state = i_bh * (NS - 1) + s
         for t in range(0, NT):
-            a0, b0 = _tile(TA, TB, t, BA_)
-            p_u = _tile_rows(i_bh * (NS - 1) + s, t, NT, F)
-            g = tl.zeros([R * BT, F], tl.float32) + tl.load(UD + p_u)[None, :]
-            for e0 in tl.static_range(0, DV, BDV):
-                o_e = e0 + tl.arange(0, BDV)
-                b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
-                b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
-                g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
-            _feature_vjp(KA, p_k, DK, p_dk, a0, b0, g * valid[:, None], rs, m_r, D, BA_, BS, DT, RESHAPE)
+            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, 0, rs, D, DV, BDV, R * BT,
+                      BA_, BA_ * BA_, BS, DT, False, RESHAPE)
+        for t in range(0, NL):
+            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, rs, D, DV, BDV, R * BT,
+                      _BL, _BL, BS, DT, True, RESHAPE)
 
 
 # ------------------------------------------------------------------------------------------- wrappers
-def _tiles(da: int, ba: int, device):
-    nb = da // ba
+def _tiles(d: int, ba: int, device):
+    nb = math.ceil(d / ba)
     pairs = [(a, b) for a in range(nb) for b in range(a, nb)]
     ta = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device)
     tb = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
     return ta, tb
+
+
+def feature_rows(d: int, tile: int) -> tuple[int, int, int]:
+    """(quadratic tiles, linear blocks, feature rows per state) of head dim d: tiles of tile^2 coordinate
+    pairs over ceil(d / tile) blocks, then linear blocks of BL coordinates of [x, 1]."""
+    nb = math.ceil(d / tile)
+    nt, nl = nb * (nb + 1) // 2, math.ceil((d + 1) / BL)
+    return nt, nl, nt * tile * tile + nl * BL
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -513,7 +611,7 @@ def state_of_chunks(nq_chunks: int, nk_chunks: int, lag: int, seg: int, r: int) 
 
 
 class _Plan:
-    """Launch geometry shared by the forward and backward: chunk, band lag, segment, tiles, blocks."""
+    """Launch geometry shared by the forward and backward: chunk, band lag, segment, feature blocks, warps."""
 
     def __init__(self, q, k, v, band, chunk, tile, segment, rows_per_block):
         b, h, nq, d = q.shape
@@ -523,8 +621,8 @@ class _Plan:
         self.chunk, self.tile = chunk, tile
         self.lag = math.ceil(band / chunk) if band > 0 else 0
         self.r = rows_per_block
-        self.da = tile * math.ceil((d + 1) / tile)
-        self.nt = (self.da // tile) * (self.da // tile + 1) // 2
+        self.nt, self.nl, self.nr = feature_rows(d, tile)
+        self.base = self.nt * tile * tile  # first row of the linear blocks
         self.seg = segment // chunk
         nc = self.nk // chunk
         self.ns = int(state_of_chunks(nq // chunk, nc, self.lag, self.seg, self.r).max()) + 1
@@ -538,16 +636,19 @@ class _Plan:
         self.nw_direct = 8 if d > 64 else 4
         self.stages_far = 1 if tile == 16 else 2  # tile 16's [rows, 256] operands overflow shared memory pipelined
 
+    def geometry(self):
+        """Runtime arguments every feature-block kernel takes after its shapes: NT, NL, NR, BASE."""
+        return self.nt, self.nl, self.nr, self.base
+
     def meta(self, **extra):
-        """Compile-time arguments every feature-tile kernel takes."""
-        return dict(DV=self.dv, BT=self.chunk, BA_=self.tile, DT=self.dt, num_warps=self.nw_far,
-                    num_stages=self.stages_far, **extra)
+        """Compile-time arguments every feature-block kernel takes."""
+        return dict(D=self.d, DV=self.dv, BT=self.chunk, BA_=self.tile, DT=self.dt, RESHAPE=self.reshape,
+                    num_warps=self.nw_far, num_stages=self.stages_far, **extra)
 
 
 def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
     """Smallest power-of-two segment (>= 8 chunks, >= 512 tokens) whose boundary states fit `budget` bytes."""
-    da = tile * math.ceil((d + 1) / tile)
-    per_state = b * hkv * da * (da + tile) // 2 * (dv * itemsize + 4)
+    per_state = b * hkv * feature_rows(d, tile)[2] * (dv * itemsize + 4)
     seg = max(512, 8 * chunk)
     while (nk // seg + 1) * per_state > budget and seg < nk:
         seg *= 2
@@ -555,104 +656,87 @@ def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
 
 
 class PolyTritonFunction(torch.autograd.Function):
-    """(q, k, v) -> (ND direct [num, den], NF far quadratic [num, den], m). See the module docstring."""
+    """(q, k, v) -> out [B, H, Nq, Dv]. See the module docstring."""
 
     @staticmethod
     def forward(ctx, q, k, v, valid, bound, hasfar, scale, coeffs, band, chunk, softcap, tile, segment, rows):
         count("poly_triton.forward")
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
-        nd = torch.zeros(p.b, p.h, p.nq, p.dv + 1, dtype=torch.float32, device=q.device)
-        nf = torch.zeros_like(nd)
-        m = torch.zeros(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
-        _direct_fwd[(p.nq // chunk, p.b * p.h)](
-            q, k, v, valid, bound, hasfar, nd, m, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *nd.stride()[:3],
-            p.nq, p.nk, p.h, p.g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
-            LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
-            HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct,
+        rs = math.sqrt(scale)
+        out = torch.empty(p.b, p.h, p.nq, p.dv, dtype=q.dtype, device=q.device)
+        m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
+        den = torch.empty_like(m)
+        ta, tb = _tiles(p.d, tile, q.device)
+        n_s = p.b * p.hkv * p.ns * p.nr
+        st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=q.device)
+        sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=q.device)
+        if p.ns > 1:  # some query block reads a non-empty state
+            _state_fwd[(p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
+                k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
+                p.base, rs, SEG=p.seg, BDV=p.bdv_state, **p.meta(),
+            )
+        _fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_read))](
+            q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), rs, int(band), c0, c1, c2,
+            float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_read,
+            HAS_SOFTCAP=softcap is not None, **p.meta(),
         )
-        states = ()
-        if p.ns > 1:  # some query chunk reads a non-empty state
-            qa, ka = _augmented(q, k, scale, coeffs, tile)
-            ta, tb = _tiles(p.da, tile, q.device)
-            n_s = p.b * p.hkv * p.ns * p.nt * tile * tile
-            st = torch.empty(n_s, p.dv, dtype=p.state_dtype, device=q.device)
-            sd = torch.empty(n_s, dtype=torch.float32, device=q.device)
-            _state_fwd[(p.nt, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
-                ka, v, valid, ta, tb, st, sd, *ka.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt,
-                SEG=p.seg, BDV=p.bdv_state, **p.meta(RESHAPE=p.reshape),
-            )
-            _far_fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_read))](
-                qa, st, sd, ta, tb, nf, *qa.stride()[:3], *nf.stride()[:3], p.nq, p.nk, p.h, p.g, p.ns, p.nt, c2,
-                LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(RESHAPE=p.reshape),
-            )
-            states = (st, sd)
-        ctx.save_for_backward(q, k, v, valid, m, *states)
+        ctx.save_for_backward(q, k, v, valid, out, m, den, st, sd)
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
-        ctx.mark_non_differentiable(m)
-        return nd, nf, m
+        return out
 
     @staticmethod
-    def backward(ctx, dnd, dnf, _dm):
+    def backward(ctx, do):
         count("poly_triton.backward")
-        q, k, v, valid, m, *states = ctx.saved_tensors
+        q, k, v, valid, out, m, den, st, sd = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
-        dnd, dnf = dnd.float().contiguous(), dnf.float().contiguous()
+        rs = math.sqrt(scale)
+        do = do.contiguous()  # same layout as out: the kernels share its strides
+        fa, fb = torch.empty_like(m), torch.empty_like(m)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         _direct_bwd[(p.nq // chunk, p.b * p.h)](
-            q, k, v, valid, m, dnd, dq, dk, dvv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dnd.stride()[:3],
+            q, k, v, valid, out, do, m, den, fa, fb, dq, dk, dvv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             p.nq, p.nk, p.h, p.g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
             LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
             HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct,
         )
-        if states:
-            st, sd = states
-            qa, ka = _augmented(q, k, scale, coeffs, tile)
-            ta, tb = _tiles(p.da, tile, q.device)
-            F, rs = tile * tile, math.sqrt(scale)
+        if p.ns > 1:
+            ta, tb = _tiles(p.d, tile, q.device)
             nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
+            nt, nl, nr, base = p.geometry()
             _far_bwd_dq[(nqb, p.b * p.h)](
-                qa, st, sd, ta, tb, dnf, dq, *qa.stride()[:3], *dnf.stride()[:3], *dq.stride()[:3],
-                p.nq, p.nk, p.h, p.g, p.ns, p.nt, c2, rs,
-                LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(RESHAPE=p.reshape),
+                q, do, fa, fb, st, sd, ta, tb, dq, *q.stride()[:3], *out.stride()[:3], *dq.stride()[:3],
+                p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, rs, c0, c1, c2,
+                LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
-            n_u = p.b * p.hkv * (p.ns - 1) * p.nt * F
+            n_u = p.b * p.hkv * (p.ns - 1) * nr
             u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
             ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
-            _state_bwd[(p.nt, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
-                qa, dnf, ta, tb, u, ud, *qa.stride()[:3], *dnf.stride()[:3], p.nq, p.nk, p.hkv, p.ns, p.nt, c2,
-                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(RESHAPE=p.reshape),
+            _state_bwd[(nt + nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
+                q, do, fa, fb, ta, tb, u, ud, *q.stride()[:3], *out.stride()[:3],
+                p.nq, p.nk, p.hkv, p.ns, nt, nr, base, rs, c0, c1, c2,
+                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(),
             )
             _far_bwd_v[(nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read))](
-                ka, valid, u, ta, tb, dvv, *ka.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, p.nt,
-                SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(RESHAPE=p.reshape),
+                k, valid, u, ta, tb, dvv, *k.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
+                SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(),
             )
             _far_bwd_k[(nkb, p.b * p.hkv)](
-                ka, v, valid, u, ud, ta, tb, dk, *ka.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
-                p.nk, p.hkv, p.ns, p.nt, rs,
-                SEG=p.seg, R=p.r, D=p.d, BDV=p.bdv_read, BS=p.bs, **p.meta(RESHAPE=p.reshape),
+                k, v, valid, u, ud, ta, tb, dk, *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
+                p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
+                SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
-        return (dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)) + (None,) * 11
-
-
-def augment(x: torch.Tensor, scale: float, delta: float, query: bool, tile: int = BA) -> torch.Tensor:
-    """[.., D] -> [.., D~]: [sqrt(s) x, sign(delta) sqrt|delta| (query side) or sqrt|delta|], zero-padded to a
-    multiple of the tile."""
-    d = x.shape[-1]
-    da = tile * math.ceil((d + 1) / tile)
-    const = math.copysign(math.sqrt(abs(delta)), delta) if query else math.sqrt(abs(delta))
-    extra = torch.zeros(*x.shape[:-1], da - d, dtype=x.dtype, device=x.device)
-    extra[..., 0] = const
-    return torch.cat([x * math.sqrt(scale), extra], -1).contiguous()
-
-
-def _augmented(q, k, scale, coeffs, tile):
-    delta = coeffs[1] / (2 * coeffs[2])
-    return augment(q, scale, delta, True, tile), augment(k, scale, delta, False, tile)
+        # one cast at a time: at 1M tokens each float32 gradient is gigabytes
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        return (dq, dk, dvv.to(v.dtype)) + (None,) * 11
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
@@ -660,10 +744,10 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
-    tile: coordinates per feature block (8 or 16; a tile is tile^2 features). segment: tokens between stored
-    prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 8 GiB). Keys after a
-    query's boundary state are computed directly, so larger segments trade state memory for direct work.
-    rows_per_block: query chunks per program of the state readouts (1, 2 or 4)."""
+    tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
+    stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 8 GiB). Keys
+    after a query's boundary state are computed directly, so larger segments trade state memory for direct
+    work. rows_per_block: query chunks per program of the state readouts (1, 2 or 4)."""
     if tile not in (8, 16):
         raise ValueError(f"tile must be 8 or 16, got {tile}")
     if rows_per_block not in (1, 2, 4):
@@ -675,9 +759,6 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {q.dtype} "
                          "(use kernel='torch')")
-    c0, c1, c2 = (float(c) for c in coeffs)
-    if c2 <= 0:
-        raise ValueError("the Triton kernels need a positive leading coefficient")
     nq = q.shape[2]
     qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
     b, h, nqp, d = qp.shape
@@ -690,25 +771,12 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
                          f"({chunk * rows_per_block}), got {segment!r}")
     dt = acc_dtype(q.dtype)
     # row shift inputs (as in chunk.py): the far bound and whether a row has far keys at all
-    kmax = kp.to(dt).norm(dim=-1).masked_fill(~valid[:, None, :], 0.0).amax(-1)
-    bound = far_log_bound(qp.view(b, hkv, h // hkv, nqp, d).to(dt), kmax, scale, coeffs).reshape(b, h, nqp)
+    kmax = torch.linalg.vector_norm(kp, dim=-1, dtype=dt).masked_fill(~valid[:, None, :], 0.0).amax(-1)
+    qn = torch.linalg.vector_norm(qp, dim=-1, keepdim=True, dtype=dt)  # far_log_bound needs |q| only
+    bound = far_log_bound(qn.view(b, hkv, h // hkv, nqp, 1), kmax, scale, coeffs).reshape(b, h, nqp)
     slots = torch.arange(nkp - nqp, nkp, device=q.device)[None]
     hasfar = has_far_key(valid, slots, band).to(torch.int32).contiguous()
-    valid_i = valid.to(torch.int32).contiguous()
-    nd, nf, m = PolyTritonFunction.apply(qp, kp, vp, valid_i, bound.float().contiguous(), hasfar, float(scale),
-                                         (c0, c1, c2), int(band), int(chunk), softcap, int(tile), int(segment),
-                                         int(rows_per_block))
-    # constant part gamma sum_j [v_j, 1] over the keys in each query chunk's boundary state, in torch
-    lag = math.ceil(band / chunk) if band > 0 else 0
-    gamma = c0 - c1 * c1 / (4 * c2)
-    vv = torch.cat([vp.float(), torch.ones_like(vp[..., :1], dtype=torch.float32)], -1) * valid[:, None, :, None]
-    per_chunk = vv.view(b, hkv, nkp // chunk, chunk, -1).sum(3).cumsum(2)  # [B, Hkv, NC, D+1]
-    last = state_of_chunks(nqp // chunk, nkp // chunk, lag, segment // chunk, rows_per_block).to(q.device)
-    last = last * (segment // chunk) - 1  # the last chunk inside the state
-    state = torch.where((last >= 0)[:, None], per_chunk[:, :, last.clamp_min(0)], torch.zeros((), device=q.device))
-    const = (gamma * state).repeat_interleave(chunk, dim=2).repeat_interleave(h // hkv, dim=1)  # [B, H, Nq, D+1]
-    tot = nd + torch.exp(-m)[..., None] * (nf + const)
-    den = tot[..., -1:]
-    # a row that sees no valid key (left padding) has num = den = 0: output 0 with a finite gradient
-    out = tot[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
-    return out[:, :, :nq].to(q.dtype)
+    out = PolyTritonFunction.apply(qp, kp, vp, valid.to(torch.int32).contiguous(), bound.float().contiguous(),
+                                   hasfar, float(scale), tuple(float(c) for c in coeffs), int(band), int(chunk),
+                                   softcap, int(tile), int(segment), int(rows_per_block))
+    return out[:, :, :nq]
