@@ -54,7 +54,7 @@ def _method_fn(name: str, args):
             from .ops.poly.features import poly_coefficients
             from .ops.poly.triton import BA, poly_triton_attention
 
-            c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), int(extra.get("rows", 2))
+            c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), int(extra.get("rows", 1))
             seg = int(extra["seg"]) if "seg" in extra else "auto"
             return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile, segment=seg,
                                                          rows_per_block=rows)

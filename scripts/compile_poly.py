@@ -5,7 +5,7 @@
 
 One forward + backward of `poly_triton_attention` runs on small CPU tensors with every kernel launch captured
 (not run); each captured launch (its exact constexprs, dtypes, warps and stages) is then compiled to a cubin
-for sm_<arch> with Triton's own ptxas, and `cuobjdump` reads its registers, spill (local memory) and stack.
+for sm_<arch> with Triton's own ptxas, and `ptxas -v` reads its registers and spills.
 Shared memory comes from the compiler. This catches what the interpreter cannot: constructs the compiler
 rejects, shared memory over the SM's limit (227 KiB on sm_90), register spills. Times are not measured.
 """
@@ -84,14 +84,22 @@ def _signature(fn, args, kwargs):
     return sig, consts, options
 
 
-def _resources(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
-    return {"regs": int(res.get("REG", -1)), "stack": int(res.get("STACK", 0)), "local": int(res.get("LOCAL", 0))}
+def _resources(ptx: str, arch: int) -> dict:
+    """Registers, stack frame and spill bytes of the kernel, from `ptxas -v` on the PTX Triton generated (the
+    same ptxas Triton assembles with)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        text = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack, stores, loads = (int(x) for x in spill.groups()) if spill else (0, 0, 0)
+    return {"regs": int(regs.group(1)) if regs else -1, "stack": stack, "spill_stores": stores, "spill_loads": loads}
 
 
 def compile_all(log, arch):
@@ -111,7 +119,7 @@ def compile_all(log, arch):
         except Exception as err:  # the report says which kernel and why; the exit code says it failed
             row.update(error=f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
         else:
-            row.update(shared_kib=round(compiled.metadata.shared / 1024, 1), **_resources(compiled.asm["cubin"]))
+            row.update(shared_kib=round(compiled.metadata.shared / 1024, 1), **_resources(compiled.asm["ptx"], arch))
             if arch in SHARED_LIMIT and compiled.metadata.shared > SHARED_LIMIT[arch]:
                 row["error"] = f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B of sm_{arch}"
         row["compile_s"] = round(time.perf_counter() - t0, 1)
@@ -124,14 +132,21 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions D to compile for")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="input dtype")
     p.add_argument("--tile", type=int, default=pt.BA, help="quadratic tile width (8 or 16)")
-    p.add_argument("--rows", type=int, default=2, help="query chunks per readout block (1, 2, 4)")
+    p.add_argument("--rows", type=int, default=1, help="query chunks per forward block (1 or 2)")
     p.add_argument("--chunk", type=int, default=64, help="chunk size")
     p.add_argument("--band", type=int, default=0, help="exact band (0: none)")
     p.add_argument("--softcap", type=float, default=None, help="logit softcap (compiles the softcap variant)")
     p.add_argument("--gqa", type=int, default=1, help="query heads per K/V head (the U sweep unrolls over them)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
+    p.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
+    for kv in a.tuning:
+        key, _, value = kv.partition("=")
+        if key not in pt.TUNING:
+            raise SystemExit(f"--tuning: unknown key {key!r}; choose from {', '.join(pt.TUNING)}")
+        pt.TUNING[key] = int(value)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     report = []
     for d in a.head_dim:
@@ -141,13 +156,14 @@ def main(argv=None):
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"sm_{a.arch}, {a.dtype}, tile {a.tile}, rows {a.rows}, chunk {a.chunk}, triton {triton.__version__}")
-        print(f"{'D':>4} {'kernel':<14} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
+        print(f"sm_{a.arch}, {a.dtype}, tile {a.tile}, rows {a.rows}, chunk {a.chunk}, {pt.TUNING}, "
+              f"triton {triton.__version__}")
+        print(f"{'D':>4} {'kernel':<14} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st B':>10} {'spill ld B':>10} "
               f"{'shared KiB':>10} {'compile s':>9}")
         for r in report:
             if "regs" in r:
-                print(f"{r['d']:>4} {r['kernel']:<14} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} {r['local']:>8} "
-                      f"{r['stack']:>8} {r['shared_kib']:>10} {r['compile_s']:>9}" + (f"  {r['error']}" if 'error' in r
+                print(f"{r['d']:>4} {r['kernel']:<14} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} {r['spill_stores']:>10} "
+                      f"{r['spill_loads']:>10} {r['shared_kib']:>10} {r['compile_s']:>9}" + (f"  {r['error']}" if 'error' in r
                                                                                           else ""))
             else:
                 print(f"{r['d']:>4} {r['kernel']:<14} FAILED: {r['error']}")

@@ -30,7 +30,7 @@ def run_variant(spec: str, a) -> str:
     def step():
         out = pt.poly_triton_attention(q, k, v, a.head_dim**-0.5, poly_coefficients(2), 0, a.chunk,
                                        tile=int(opts.get("tile", 16)), segment=seg,
-                                       rows_per_block=int(opts.get("rows", 2)))
+                                       rows_per_block=int(opts.get("rows", 1)))
         out.backward(torch.ones_like(out))
 
     try:

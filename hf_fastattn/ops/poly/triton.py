@@ -52,8 +52,9 @@ BA = 16  # default coordinates per quadratic tile: a tile holds BA * BA = 256 fe
 BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
 _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
-# gathered, value columns per program of the readouts and of the register-resident state sweeps.
-TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128}
+# gathered, value columns per program of the readouts and of the register-resident state sweeps. Defaults (with
+# rows_per_block=1): the fewest register spills in `scripts/compile_poly.py` for sm_90 at D = 64 and 128.
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under (the backward adds as much for U)
 
 
@@ -187,6 +188,37 @@ def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.c
 
 
 @triton.jit
+def _den_sum(X, p_rows, a0, b0, m_r, w, coef, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+    """sum_r w_r coef phi(x_r), the denominator column of a state: [F] for linear blocks; for tiles the
+    [BA, BA] matrix coef sum_r w_r xa_r xb_r^T (feature order when flattened): one small float32 dot, so no
+    [rows, F] float32 feature block lives next to the bf16 one (it made the sweeps spill)."""
+    if LIN:
+        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, D, BA_, True, True) * coef * w[:, None], 0)
+    else:
+        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_) * w[:, None]
+        return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, rs, D, BA_), input_precision="ieee") * coef
+
+
+@triton.jit
+def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+    """phi(x_r) . SD per row ([rows]); for tiles the quadratic form xa_r^T SD xb_r."""
+    if LIN:
+        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, D, BA_, True, True) * tl.load(SD + p_s)[None, :], 1)
+    else:
+        sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
+        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
+        return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * _coords(X, p_rows, b0, m_r, rs, D, BA_), 1)
+
+
+@triton.jit
+def _den_store(SD, p_s, value, BA_: tl.constexpr, LIN: tl.constexpr):
+    if LIN:
+        tl.store(SD + p_s, value)
+    else:
+        tl.store(SD + tl.reshape(p_s, (BA_, BA_)), value)
+
+
+@triton.jit
 def _query_block(i_c, i_bh, NQ, NK, NS, H, G, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr,
                  BT: tl.constexpr):
     """A readout program's block of R query chunks: batch, head, rows [R BT], row mask [R BT, 1], and the
@@ -217,21 +249,26 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     b_s = tl.zeros([F, BDV], tl.float32)
-    b_sd = tl.zeros([F], tl.float32)
+    if LIN:
+        b_sd = tl.zeros([F], tl.float32)
+    else:
+        b_sd = tl.zeros([BA_, BA_], tl.float32)
     for s in range(0, NS):
         a0, b0, p_s = _block(TA, TB, t, i_bh * NS + s, NR, BASE, BA_, F, LIN)
         tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
         if i_e == 0:
-            tl.store(SD + p_s, b_sd)
+            _den_store(SD, p_s, b_sd, BA_, LIN)
         if s < NS - 1:
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
                 valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
-                fk = _phi(K, i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn, a0, b0, o_t[:, None] < BT, rs, D, BA_,
-                          LIN, RESHAPE) * valid[:, None]
+                p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
+                m_t = o_t[:, None] < BT
+                fk = _phi(K, p_k, a0, b0, m_t, rs, D, BA_, LIN, RESHAPE) * valid[:, None]
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
-                b_sd += tl.sum(fk, 0)
+                if i_e == 0:
+                    b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, rs, D, BA_, LIN)
 
 
 @triton.jit
@@ -262,10 +299,14 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
                 LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    fq = _phi(X, p_x, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE) * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+    coef = _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+    fq = _phi(X, p_x, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE) * coef
     b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     acc += tl.dot(fq.to(DT), b_s.to(DT))
-    den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
+    if LIN:
+        den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
+    else:
+        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, rs, D, BA_, False) * coef
     return acc, den
 
 
@@ -322,6 +363,7 @@ def _fwd(
         b_acc *= em[:, None]
         b_den *= em
     p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
+    b_q = tl.load(Q + p_q + o_d[None, :], mask=m_r & (o_d[None, :] < D), other=0.0)  # reloaded: not live above
     for kb in range(s * SEG, kc1):  # the keys after the boundary, directly
         o_k = kb * BT + o_t
         b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
@@ -394,17 +436,17 @@ def _direct_bwd(
 
 @triton.jit
 def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
-              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
               BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Feature block t's part of dq: g = coef (dNF_num S_t^T + dNF_den SD_t) [rows, F], then the VJP."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    g = fb[:, None] * tl.load(SD + p_s)[None, :]
-    for e0 in tl.static_range(0, DV, BDV):
+    g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
+    for e0 in tl.static_range(0, DV, BDV):  # accumulator keeps the dot's layout, which spills less)
         o_e = e0 + tl.arange(0, BDV)
         b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
-    g = g * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+    g = (g + fb[:, None] * tl.load(SD + p_s)[None, :]) * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
     _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
@@ -427,10 +469,10 @@ def _far_bwd_dq(
         fb = tl.load(FB + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         for t in range(0, NT):
             _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, rs, c0, c1, c2,
-                      D, DV, BDV, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
+                      D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
         for t in range(0, NL):
             _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
-                      D, DV, BDV, _BL, _BL, BS, DT, True, RESHAPE)
+                      D, DV, BDV, R * BT, _BL, _BL, BS, DT, True, RESHAPE)
 
 
 @triton.jit
@@ -445,7 +487,10 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
     NC = NK // BT
     C0 = (NK - NQ) // BT
     b_u = tl.zeros([F, BDV], tl.float32)
-    b_ud = tl.zeros([F], tl.float32)
+    if LIN:
+        b_ud = tl.zeros([F], tl.float32)
+    else:
+        b_ud = tl.zeros([BA_, BA_], tl.float32)
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
         a0, b0, p_u = _block(TA, TB, t, i_bh * (NS - 1) + s, NR, BASE, BA_, F, LIN)
@@ -457,16 +502,17 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
             rows = (c - C0) * BT + o_t
             for g in tl.static_range(G):
                 i_h = i_b * H + i_hk * G + g  # flat (batch, head) of the [B, H, NQ] row factors
-                fq = _phi(Q, i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn, a0, b0, o_t[:, None] < BT,
-                          rs, D, BA_, LIN, RESHAPE) * coef
+                p_q = i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn
+                fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, rs, D, BA_, LIN, RESHAPE) * coef
                 p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
                 b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 if i_e == 0:
-                    b_ud += tl.sum(fq * tl.load(FB + i_h * NQ + rows)[:, None], 0)
+                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), coef, rs, D,
+                                     BA_, LIN)
         tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
         if i_e == 0:
-            tl.store(UD + p_u, b_ud)
+            _den_store(UD, p_u, b_ud, BA_, LIN)
 
 
 @triton.jit
@@ -539,12 +585,13 @@ def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BA
     """Feature block t's part of dk: g = v U_t^T + UD_t ([rows, F], the values' column of ones gives UD), then
     the VJP."""
     a0, b0, p_u = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    g = tl.zeros([RB, F], tl.float32) + tl.load(UD + p_u)[None, :]
+    g = tl.zeros([RB, F], tl.float32)
     for e0 in tl.static_range(0, DV, BDV):
         o_e = e0 + tl.arange(0, BDV)
         b_v = tl.load(p_v + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0)
         b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
+    g += tl.load(UD + p_u)[None, :]
     _feature_vjp(K, p_k, DK, p_dk, a0, b0, g * valid[:, None], rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
@@ -635,6 +682,11 @@ class _Plan:
         self.nw_far = 8 if tile == 16 or rows_per_block * chunk > 128 else 4
         self.nw_direct = 8 if d > 64 else 4
         self.stages_far = 1 if tile == 16 else 2  # tile 16's [rows, 256] operands overflow shared memory pipelined
+        # float32 operands take twice the shared memory: at D > 64 the forward's [F, 128] state slice and the
+        # direct backward's pipelined blocks exceed the 227 KiB of an H100 (scripts/compile_poly.py --dtype fp32)
+        wide = q.element_size() == 4 and d > 64
+        self.stages_direct = 1 if wide else 3
+        self.bdv_fwd = min(self.bdv_read, 64) if wide else self.bdv_read
 
     def geometry(self):
         """Runtime arguments every feature-block kernel takes after its shapes: NT, NL, NR, BASE."""
@@ -676,11 +728,11 @@ class PolyTritonFunction(torch.autograd.Function):
                 k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
                 p.base, rs, SEG=p.seg, BDV=p.bdv_state, **p.meta(),
             )
-        _fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_read))](
+        _fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd))](
             q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), rs, int(band), c0, c1, c2,
-            float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_read,
+            float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
             HAS_SOFTCAP=softcap is not None, **p.meta(),
         )
         ctx.save_for_backward(q, k, v, valid, out, m, den, st, sd)
@@ -705,7 +757,7 @@ class PolyTritonFunction(torch.autograd.Function):
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             p.nq, p.nk, p.h, p.g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
             LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
-            HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct,
+            HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct, num_stages=p.stages_direct,
         )
         if p.ns > 1:
             ta, tb = _tiles(p.d, tile, q.device)
@@ -740,18 +792,18 @@ class PolyTritonFunction(torch.autograd.Function):
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=2):
+                          segment="auto", rows_per_block=1):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
     tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
     stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 8 GiB). Keys
     after a query's boundary state are computed directly, so larger segments trade state memory for direct
-    work. rows_per_block: query chunks per program of the state readouts (1, 2 or 4)."""
+    work. rows_per_block: query chunks per forward program, sharing one boundary state (1 or 2)."""
     if tile not in (8, 16):
         raise ValueError(f"tile must be 8 or 16, got {tile}")
-    if rows_per_block not in (1, 2, 4):
-        raise ValueError(f"rows_per_block must be 1, 2 or 4, got {rows_per_block}")
+    if rows_per_block not in (1, 2):  # 4 (256-row blocks) needs more shared memory than an H100 has at D = 128
+        raise ValueError(f"rows_per_block must be 1 or 2, got {rows_per_block}")
     if len(coeffs) != 3:
         raise ValueError(f"the Triton kernels implement degree 2; got degree {len(coeffs) - 1} (use kernel='torch')")
     if chunk < 16 or chunk & (chunk - 1):
