@@ -130,7 +130,7 @@ def compile_all(log, arch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions D to compile for")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="input dtype")
+    p.add_argument("--dtype", nargs="+", choices=["bf16", "fp16", "fp32"], default=["bf16"], help="input dtypes")
     p.add_argument("--tile", type=int, default=pt.BA, help="quadratic tile width (8 or 16)")
     p.add_argument("--rows", type=int, default=1, help="query chunks per forward block (1 or 2)")
     p.add_argument("--chunk", type=int, default=64, help="chunk size")
@@ -141,32 +141,37 @@ def main(argv=None):
     p.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="also write the report, with versions and date, to this JSON file")
     a = p.parse_args(argv)
     for kv in a.tuning:
         key, _, value = kv.partition("=")
         if key not in pt.TUNING:
             raise SystemExit(f"--tuning: unknown key {key!r}; choose from {', '.join(pt.TUNING)}")
         pt.TUNING[key] = int(value)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     report = []
-    for d in a.head_dim:
-        n = 16 * a.chunk * a.rows  # enough chunks for three boundary states
-        log = capture(d, dtype, a.tile, a.rows, a.chunk, n, 2 * a.gqa, 2, a.band, a.softcap)
-        report += [dict(d=d, **row) for row in compile_all(log, a.arch)]
+    for name in a.dtype:
+        for d in a.head_dim:
+            n = 16 * a.chunk * a.rows  # enough chunks for three boundary states
+            log = capture(d, dtypes[name], a.tile, a.rows, a.chunk, n, 2 * a.gqa, 2, a.band, a.softcap)
+            report += [dict(dtype=name, d=d, **row) for row in compile_all(log, a.arch)]
+    if a.out:
+        from hf_fastattn.bench import environment
+
+        env = dict(environment(torch.device("cpu")), target=f"sm_{a.arch}", tuning=dict(pt.TUNING))
+        with open(a.out, "w") as f:
+            json.dump({"env": env, "config": vars(a), "kernels": report}, f, indent=1)
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"sm_{a.arch}, {a.dtype}, tile {a.tile}, rows {a.rows}, chunk {a.chunk}, {pt.TUNING}, "
-              f"triton {triton.__version__}")
-        print(f"{'D':>4} {'kernel':<14} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st B':>10} {'spill ld B':>10} "
-              f"{'shared KiB':>10} {'compile s':>9}")
+        print(f"sm_{a.arch}, tile {a.tile}, rows {a.rows}, chunk {a.chunk}, {pt.TUNING}, triton {triton.__version__}")
+        cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib")
+        print(" ".join(f"{c:>12}" for c in cols))
         for r in report:
+            cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:3])
             if "regs" in r:
-                print(f"{r['d']:>4} {r['kernel']:<14} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} {r['spill_stores']:>10} "
-                      f"{r['spill_loads']:>10} {r['shared_kib']:>10} {r['compile_s']:>9}" + (f"  {r['error']}" if 'error' in r
-                                                                                          else ""))
-            else:
-                print(f"{r['d']:>4} {r['kernel']:<14} FAILED: {r['error']}")
+                cells += " " + " ".join(f"{r[c]:>12}" for c in cols[3:])
+            print(cells + (f"  FAILED: {r['error']}" if "error" in r else ""))
     return 1 if any("error" in r for r in report) else 0
 
 
