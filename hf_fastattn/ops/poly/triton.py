@@ -26,12 +26,15 @@ Same function as `chunk.py`, scheduled for tensor cores:
 Precision: dots of float32 inputs run on TF32 tensor cores (about 1e-3 relative, the tolerance of the GPU
 tests); 16-bit inputs feed bf16 dots (fp16 values would overflow in the states), products accumulate in
 float32, and the boundary states are accumulated in float32 and stored in bf16 (the operand precision of the
-readout GEMM that consumes them).
+readout GEMM that consumes them). A tile's denominator column is kept as a [BA, BA] float32 matrix and
+updated / read with small full-precision float32 dots (sum_r w_r xa_r xb_r^T, xa^T SD xb).
 
 Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|] coordinates padded to 144,
 a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
 D = 64, 1.2x at 128k and 2.3x at 256k for D = 128. This layout has 19 % (D = 128) to 31 % (D = 64) fewer
-feature rows and no float32 [N, D + 1] buffers; its GPU numbers are owed.
+feature rows and no float32 [N, D + 1] buffers, and its schedule was chosen by the sm_90 compile report of
+`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.4 KB now); its GPU
+timings are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
 """
@@ -200,18 +203,16 @@ def _den_sum(X, p_rows, a0, b0, m_r, w, coef, rs, D: tl.constexpr, BA_: tl.const
 
 
 @triton.jit
-def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
-    """phi(x_r) . SD per row ([rows]); for tiles the quadratic form xa_r^T SD xb_r."""
-    if LIN:
-        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, D, BA_, True, True) * tl.load(SD + p_s)[None, :], 1)
-    else:
-        sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
-        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
-        return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * _coords(X, p_rows, b0, m_r, rs, D, BA_), 1)
+def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.constexpr):
+    """A tile's phi(x_r) . SD per row ([rows]), as the quadratic form xa_r^T SD xb_r of its [BA, BA] matrix."""
+    sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
+    xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
+    return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * _coords(X, p_rows, b0, m_r, rs, D, BA_), 1)
 
 
 @triton.jit
 def _den_store(SD, p_s, value, BA_: tl.constexpr, LIN: tl.constexpr):
+    """Store a `_den_sum` at a block's rows of a denominator state."""
     if LIN:
         tl.store(SD + p_s, value)
     else:
@@ -306,7 +307,7 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
     if LIN:
         den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
     else:
-        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, rs, D, BA_, False) * coef
+        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, rs, D, BA_) * coef
     return acc, den
 
 
@@ -363,7 +364,6 @@ def _fwd(
         b_acc *= em[:, None]
         b_den *= em
     p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
-    b_q = tl.load(Q + p_q + o_d[None, :], mask=m_r & (o_d[None, :] < D), other=0.0)  # reloaded: not live above
     for kb in range(s * SEG, kc1):  # the keys after the boundary, directly
         o_k = kb * BT + o_t
         b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
