@@ -8,9 +8,17 @@ One forward + backward of `poly_triton_attention` runs on small CPU tensors with
 for sm_<arch> with Triton's own ptxas, and `ptxas -v` reads its registers and spills.
 Shared memory comes from the compiler. This catches what the interpreter cannot: constructs the compiler
 rejects, shared memory over the SM's limit (227 KiB on sm_90), register spills. Times are not measured.
+
+    python scripts/compile_poly.py --memory 262144 1048576 --head-dim 64 128
+
+runs the same forward + backward on the meta device under a TorchDispatchMode that counts live tensor bytes:
+the peak device memory of a run at any length, with no device. For the kernels measured on the H100 (6629a06)
+it gives 73.1 / 22.1 GiB at D = 64, 1M / 256k tokens, where the GPU measured ~71 / ~22 GiB (65.2 / 20.2 above
+the inputs).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -18,12 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # compile, do not interpret
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from hf_fastattn.ops.poly import triton as pt  # noqa: E402
@@ -34,10 +44,10 @@ _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
         torch.int64: "*i64"}
 
 
-def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap):
-    """Every kernel launch of one forward + backward, as (kernel, positional args, keyword args)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("compile_poly needs TRITON_INTERPRET=0 (interpreted kernels cannot be compiled)")
+def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=None, device="cpu", mode=None):
+    """Every kernel launch of one forward + backward, as (kernel, positional args, keyword args). The kernels do
+    not run, so `device="meta"` works at any length; `mode` (a TorchDispatchMode) sees every torch op, and then
+    no launch is kept (the log would keep the kernels' tensors alive)."""
     log = []
 
     class Recorder:
@@ -45,22 +55,57 @@ def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap):
             self.fn = fn
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: log.append((self.fn, args, kwargs))
+            return lambda *args, **kwargs: None if mode else log.append((self.fn, args, kwargs))
 
-    kernels = {name: obj for name, obj in vars(pt).items() if isinstance(obj, triton.runtime.jit.JITFunction)}
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, n, d, generator=g).to(dtype).requires_grad_()
-    k, v = (torch.randn(1, hkv, n, d, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    kernels = {name: obj for name, obj in vars(pt).items() if isinstance(obj, triton.runtime.jit.KernelInterface)}
     try:
         for name, fn in kernels.items():
             setattr(pt, name, Recorder(fn))
-        out = pt.poly_triton_attention(q, k, v, d**-0.5, poly_coefficients(2), band, chunk, softcap, tile=tile,
-                                       segment=4 * chunk * rows, rows_per_block=rows)
-        out.backward(torch.ones_like(out))
+        with mode or contextlib.nullcontext():
+            q = torch.randn(1, heads, n, d, device=device, dtype=dtype).requires_grad_()
+            k, v = (torch.randn(1, hkv, n, d, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+            out = pt.poly_triton_attention(q, k, v, d**-0.5, poly_coefficients(2), band, chunk, softcap, tile=tile,
+                                           segment=segment or 4 * chunk * rows, rows_per_block=rows)
+            out.backward(torch.ones_like(out))
     finally:
         for name, fn in kernels.items():
             setattr(pt, name, fn)
     return log
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes held by live tensors and their peak over a region, counting every tensor an op allocates (views
+    and in-place results alias an allocation and are not counted) until it is freed. This is what a caching
+    allocator must hold at least; it does not see the allocator's rounding or fragmentation."""
+
+    def __init__(self, big=2**30):
+        super().__init__()
+        self.live = self.peak = 0
+        self.big, self.allocations = big, []  # allocations of >= `big` bytes: (bytes, op, shape, dtype)
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    nbytes = t.untyped_storage().nbytes()
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, nbytes)
+                    if nbytes >= self.big:
+                        self.allocations.append((nbytes, str(func), tuple(t.shape), str(t.dtype)))
+        return out
+
+
+def peak_memory(d, dtype, n, heads, tile, rows, chunk):
+    """Peak live bytes of one forward + backward at length n (B = 1, K/V heads = heads), inputs and gradients
+    included, on the meta device: no memory is used and no kernel runs."""
+    tracker = LiveBytes()
+    capture(d, dtype, tile, rows, chunk, n, heads, heads, 0, None, segment="auto", device="meta", mode=tracker)
+    return tracker
 
 
 def _signature(fn, args, kwargs):
@@ -127,6 +172,27 @@ def compile_all(log, arch):
     return rows
 
 
+def memory_report(a, dtypes):
+    rows = []
+    for name in a.dtype:
+        for d in a.head_dim:
+            for n in a.memory:
+                t = peak_memory(d, dtypes[name], n, a.heads, a.tile, a.rows, a.chunk)
+                big = sorted(t.allocations, reverse=True)
+                rows.append(dict(dtype=name, d=d, n=n, heads=a.heads, peak_gib=round(t.peak / 2**30, 2),
+                                 allocations_gib=[(round(b / 2**30, 2), op, shape, dt) for b, op, shape, dt in big]))
+                print(f"{name} D={d} N={n} H={a.heads}: peak {t.peak / 2**30:.1f} GiB of live tensors (fwd + bwd, "
+                      f"inputs and gradients included); allocations >= 1 GiB:")
+                for b, op, shape, dt in big:
+                    print(f"    {b / 2**30:6.2f} GiB  {op:<28} {list(shape)} {dt}")
+    if a.out:
+        from hf_fastattn.bench import environment
+
+        with open(a.out, "w") as f:
+            json.dump({"env": environment(torch.device("cpu")), "config": vars(a), "memory": rows}, f, indent=1)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions D to compile for")
@@ -142,6 +208,10 @@ def main(argv=None):
                    help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report, with versions and date, to this JSON file")
+    p.add_argument("--memory", type=int, nargs="+", default=None, metavar="N",
+                   help="instead of compiling: peak live tensor bytes of a forward + backward at these lengths "
+                        "(B = 1, --heads heads, segment 'auto'), on the meta device")
+    p.add_argument("--heads", type=int, default=16, help="heads for --memory")
     a = p.parse_args(argv)
     for kv in a.tuning:
         key, _, value = kv.partition("=")
@@ -149,6 +219,10 @@ def main(argv=None):
             raise SystemExit(f"--tuning: unknown key {key!r}; choose from {', '.join(pt.TUNING)}")
         pt.TUNING[key] = int(value)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if a.memory:
+        return memory_report(a, dtypes)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compiling needs TRITON_INTERPRET=0 (interpreted kernels cannot be compiled)")
     report = []
     for name in a.dtype:
         for d in a.head_dim:

@@ -162,3 +162,19 @@ def test_kernels_compile_for_sm90(args):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("_fwd") >= 2  # the report lists the kernels it compiled
+
+
+def test_peak_memory_at_1m_tokens_fits_an_h100():
+    """Allocation-level peak of one bf16 forward + backward (B = 1, H = 16, D = 128) on the meta device, kernels
+    captured, not run: the layout with float32 [N, D + 1] partials and a torch epilogue needed 125 GiB at 1M
+    tokens (out of memory on the H100), this one must stay well inside 80 GB and grow at most linearly. The same
+    accounting gave 73.1 / 22.1 GiB for the old kernels at D = 64, 1M / 256k, where the H100 measured ~71 / ~22."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("compile_poly", os.path.join(root, "scripts", "compile_poly.py"))
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    gib = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, 1, 64).peak / 2**30 for n in (2**18, 2**20)}
+    assert gib[2**20] < 64, gib
+    assert gib[2**20] < 4.4 * gib[2**18], gib  # no N^2 term: a quadratic one would give 16x
