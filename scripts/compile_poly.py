@@ -205,7 +205,7 @@ def main(argv=None):
     p.add_argument("--gqa", type=int, default=1, help="query heads per K/V head (the U sweep unrolls over them)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
     p.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state)")
+                   help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state, key_major)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report, with versions and date, to this JSON file")
     p.add_argument("--memory", type=int, nargs="+", default=None, metavar="N",

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Per-kernel GPU time of one poly-Triton forward+backward (torch.profiler), for one or more schedules.
 
-    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16,rows=1 tile=8,reshape=0
+    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 key_major=0 rows=2,bdv_read=64
 Variant keys: tile, rows, segment, and the `TUNING` knobs of hf_fastattn.ops.poly.triton (reshape, bdv_read,
-bdv_state). One line per variant: total CUDA ms and the share of every kernel.
+bdv_state, key_major; 0/1 for the switches). One line per variant: total CUDA ms and the share of every kernel.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from hf_fastattn.ops.poly.features import poly_coefficients
 def run_variant(spec: str, a) -> str:
     opts = dict(kv.split("=") for kv in spec.split(",") if kv)
     defaults = dict(pt.TUNING)
-    for key in ("reshape", "bdv_read", "bdv_state"):
+    for key in pt.TUNING:
         if key in opts:
             pt.TUNING[key] = int(opts[key])
     seg = opts.get("segment", "auto")

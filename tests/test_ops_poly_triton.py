@@ -123,13 +123,15 @@ def test_triton_gpu_bf16_vs_torch_error(n, d):
 
 
 @interpreted
-@pytest.mark.parametrize("reshape", [False, True])
-def test_triton_tuning_knobs_agree(monkeypatch, reshape):
-    """The `TUNING` knobs are schedules: gathered features with selector-matrix VJPs, and value blocks narrower
-    than D (D = 40 in blocks of 16: the dv loops and their masks), give the same function."""
+@pytest.mark.parametrize("reshape, key_major", [(False, True), (True, False)])
+def test_triton_tuning_knobs_agree(monkeypatch, reshape, key_major):
+    """The `TUNING` knobs are schedules: gathered features with selector-matrix VJPs, value blocks narrower
+    than D (D = 40 in blocks of 16: the dv loops and their masks), and the direct window's dk / dv added
+    atomically from the query pass give the same function."""
     from hf_fastattn.ops.poly import triton as pt
 
     monkeypatch.setitem(pt.TUNING, "reshape", reshape)
+    monkeypatch.setitem(pt.TUNING, "key_major", key_major)
     monkeypatch.setitem(pt.TUNING, "bdv_read", 16)
     monkeypatch.setitem(pt.TUNING, "bdv_state", 32)
     (q, k, v), valid = _inputs(1, 2, 1, 80, 96, 40, True)

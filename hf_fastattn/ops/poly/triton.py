@@ -18,7 +18,8 @@ Same function as `chunk.py`, scheduled for tensor cores:
   `_state_fwd` sweeps the keys once per (block, value block) and stores S at the boundaries (float32
   accumulation, stored in the dot dtype); `_fwd` reads all blocks of one boundary state, adds the direct
   window and writes the normalised output (plus the row shift m and denominator: no [N, D] float32 partials).
-  The backward mirrors it: `_direct_bwd` forms dL/d[num, den] from (dout, out, den) on the fly,
+  The backward mirrors it: `_direct_bwd_q` forms dL/d[num, den] from (dout, out, den) on the fly and
+  `_direct_bwd_kv` takes the direct windows key-major (no atomics),
   `_far_bwd_dq` reads S, `_state_bwd` sweeps the query-side state U = sum_i phi_q(q_i) dNF_i^T in reverse,
   `_far_bwd_v` / `_far_bwd_k` read U per key block. State memory is B Hkv (N / segment) 9360 D (D = 128):
   `segment` is chosen to keep it under a budget.
@@ -33,8 +34,8 @@ Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|]
 a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
 D = 64, 1.2x at 128k and 2.3x at 256k for D = 128. This layout has 19 % (D = 128) to 31 % (D = 64) fewer
 feature rows and no float32 [N, D + 1] buffers, and its schedule was chosen by the sm_90 compile report of
-`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.4 KB now); its GPU
-timings are owed.
+`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.8 KB now); at 1M
+tokens and D = 128 a forward + backward holds 58 GiB (125 before: out of memory). Its GPU timings are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
 """
@@ -57,7 +58,8 @@ _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be con
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps. Defaults (with
 # rows_per_block=1): the fewest register spills in `scripts/compile_poly.py` for sm_90 at D = 64 and 128.
-TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64}
+# key_major: the direct window's dk / dv in a key-major pass (stored) instead of atomic adds from the query pass.
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64, "key_major": True}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under (the backward adds as much for U)
 
 
@@ -81,10 +83,18 @@ def _first_reader(s, C0, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Weights and dW/dx of a directly computed block: exp(softcap(x) - m) in the band, P(x) e^{-m} beyond."""
-    dist = o_q[:, None] - o_k[None, :]
-    seen = (dist >= 0) & m_k[None, :]
+def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP: tl.constexpr,
+                    KEY_MAJOR: tl.constexpr = False):
+    """Weights and dW/dx of a directly computed block: exp(softcap(x) - m) in the band, P(x) e^{-m} beyond.
+    x: [queries, keys], or [keys, queries] when KEY_MAJOR (the key-major backward pass)."""
+    if KEY_MAJOR:
+        dist = o_q[None, :] - o_k[:, None]
+        seen = (dist >= 0) & m_k[:, None]
+        m = b_m[None, :]
+    else:
+        dist = o_q[:, None] - o_k[None, :]
+        seen = (dist >= 0) & m_k[None, :]
+        m = b_m[:, None]
     near = seen & (dist < band)
     far = seen & (dist >= band)
     if HAS_SOFTCAP:
@@ -94,8 +104,8 @@ def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCA
     else:
         xn = x
         dxn = 1.0
-    em = tl.exp(-b_m)[:, None]
-    w_near = tl.exp(tl.where(near, xn - b_m[:, None], float("-inf")))
+    em = tl.exp(-m)
+    w_near = tl.exp(tl.where(near, xn - m, float("-inf")))
     w = tl.where(near, w_near, tl.where(far, (c0 + x * (c1 + c2 * x)) * em, 0.0))
     dw = tl.where(near, w_near * dxn, tl.where(far, (c1 + 2.0 * c2 * x) * em, 0.0))
     return w, dw
@@ -384,17 +394,34 @@ def _fwd(
 
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
-def _direct_bwd(
-    Q, K, V, VALID, O, DO, M, DEN, FA, FB, DQ, DK, DV_,
+def _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
+                 HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr):
+    """One (query chunk, key chunk) block of a direct window: its weights W and dL/dx, with
+    dW_ij = dL/dnum_i . v_j + dL/dden_i (b_dn = dout / den, b_dd = -dout.out / den)."""
+    x = tl.dot(b_q, tl.trans(b_k)) * scale
+    w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+    dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
+    return w, (dwdx * dw * scale).to(DT)
+
+
+@triton.jit
+def _rcp(den):
+    """1 / den, and 0 for rows that see no valid key (their output is 0 and so is its gradient)."""
+    return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
+def _direct_bwd_q(
+    Q, K, V, VALID, O, DO, M, DEN, FA, FB, DD, DQ, DK, DV_,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     NQ, NK, H, G, scale, band, c0, c1, c2, softcap,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr, ATOMIC_KV: tl.constexpr,
 ):
-    """Query chunk i_c: with out = num / den, dL/d[num, den] = [dout, -dout.out] / den. The direct window's
-    dW_ij = dL/dnum_i . v_j + dL/dden_i; dq stored, dk/dv added atomically (several query chunks read the same
-    keys). Stores the far part's row factors: dL/dNF = [dout FA, FB] (FA = e^{-m} / den, FB = -e^{-m} dout.out
-    / den), read by the far kernels instead of a [N, D + 1] float32 buffer."""
+    """Query chunk i_c: with out = num / den, dL/d[num, den] = [dout, -dout.out] / den. Stores dq of its direct
+    window, DD = -dout.out / den (for `_direct_bwd_kv`) and the far part's row factors dL/dNF = [dout FA, FB]
+    (FA = e^{-m} / den, FB = e^{-m} DD), read by the far kernels instead of a [N, D + 1] float32 buffer.
+    ATOMIC_KV: also add the window's dk / dv atomically (then `_direct_bwd_kv` does not run)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
@@ -408,11 +435,11 @@ def _direct_bwd(
     p_o = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :]
     b_do = tl.load(DO + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)  # [BT, BDV]
     b_o = tl.load(O + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
-    den = tl.load(DEN + i_bh * NQ + rows)
-    rden = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)  # rows without keys: zero gradient
+    rden = _rcp(tl.load(DEN + i_bh * NQ + rows))
     b_m = tl.load(M + i_bh * NQ + rows)
     b_dd = -tl.sum(b_do * b_o, 1) * rden  # [BT]
     em = tl.exp(-b_m)
+    tl.store(DD + i_bh * NQ + rows, b_dd)
     tl.store(FA + i_bh * NQ + rows, em * rden)
     tl.store(FB + i_bh * NQ + rows, em * b_dd)
     b_dn = (b_do * rden[:, None]).to(DT)
@@ -424,14 +451,62 @@ def _direct_bwd(
         b_k = tl.load(K + k_off + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
         b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
         m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
-        dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
-        dx = (dwdx * dw * scale).to(DT)
+        w, dx = _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
+                             HAS_SOFTCAP, DT)
         b_dq += tl.dot(dx, b_k.to(DT))
-        tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
-        tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn), mask=o_dv[None, :] < DV)
+        if ATOMIC_KV:
+            tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
+            tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn),
+                          mask=o_dv[None, :] < DV)
     tl.store(DQ + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], b_dq, mask=o_d[None, :] < D)
+
+
+@triton.jit
+def _direct_bwd_kv(
+    Q, K, V, VALID, DO, M, DEN, DD, DK, DV_,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    NQ, NK, HKV, G, scale, band, c0, c1, c2, softcap,
+    LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+):
+    """Key chunk i_j: dk, dv of every direct window that holds it (query chunks kc with
+    state(kc) SEG <= i_j <= kc, all G query heads of its K/V head), accumulated in registers and stored: the
+    key-major pass of flash attention's backward, no atomics (neighbouring query chunks share their keys, and
+    atomic adds to the same rows serialise)."""
+    i_j, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    C0 = (NK - NQ) // BT
+    o_t = tl.arange(0, BT)
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    o_k = i_j * BT + o_t
+    k_off = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn + o_d[None, :]  # dk, dv share k's and v's strides
+    v_off = i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_dv[None, :]
+    b_k = tl.load(K + k_off, mask=o_d[None, :] < D, other=0.0)
+    b_v = tl.load(V + v_off, mask=o_dv[None, :] < DV, other=0.0).to(DT)
+    m_k = tl.load(VALID + i_b * NK + o_k) > 0
+    lo = tl.maximum(i_j, C0)
+    hi = tl.minimum(_first_reader(i_j // SEG + 1, C0, LAG, SEG, R), NK // BT)  # first chunk past i_j's state
+    b_dk = tl.zeros([BT, BD], tl.float32)
+    b_dv = tl.zeros([BT, BDV], tl.float32)
+    for g in range(0, G):
+        i_h = i_hk * G + g
+        r_off = (i_b * HKV * G + i_h) * NQ  # the [B, H, NQ] row buffers
+        for kc in range(lo, hi):
+            rows = (kc - C0) * BT + o_t
+            b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D,
+                          other=0.0)
+            b_do = tl.load(DO + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :],
+                           mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
+            b_dn = (b_do * _rcp(tl.load(DEN + r_off + rows))[:, None]).to(DT)
+            # [keys, queries] blocks, so that the dk / dv products need no transposed register tensors
+            xt = tl.dot(b_k, tl.trans(b_q)) * scale
+            wt, dwdx = _direct_weights(xt, kc * BT + o_t, o_k, m_k, tl.load(M + r_off + rows), band, c0, c1, c2,
+                                       softcap, HAS_SOFTCAP, True)
+            dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(DD + r_off + rows)[None, :]
+            b_dv += tl.dot(wt.to(DT), b_dn)
+            b_dk += tl.dot((dwdx * dwt * scale).to(DT), b_q.to(DT))
+    tl.store(DK + k_off, b_dk, mask=o_d[None, :] < D)
+    tl.store(DV_ + v_off, b_dv, mask=o_dv[None, :] < DV)
 
 
 @triton.jit
@@ -574,7 +649,7 @@ def _far_bwd_v(
             b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D, DV, _BL, _BL, DT,
                               True, RESHAPE)
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
-        # one program per key block: a plain read-add-write after `_direct_bwd` (same stream) is race-free
+        # one program per key block: a plain read-add-write after `_direct_bwd_kv` (same stream) is race-free
         tl.store(p_dv, tl.load(p_dv, mask=m_r & m_e) + b_acc * valid[:, None], mask=m_r & m_e)
 
 
@@ -748,17 +823,25 @@ class PolyTritonFunction(torch.autograd.Function):
         c0, c1, c2 = (float(c) for c in coeffs)
         rs = math.sqrt(scale)
         do = do.contiguous()  # same layout as out: the kernels share its strides
-        fa, fb = torch.empty_like(m), torch.empty_like(m)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        _direct_bwd[(p.nq // chunk, p.b * p.h)](
-            q, k, v, valid, out, do, m, den, fa, fb, dq, dk, dvv,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            p.nq, p.nk, p.h, p.g, float(scale), int(band), c0, c1, c2, float(softcap or 0.0),
-            LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
-            HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct, num_stages=p.stages_direct,
+        fa, fb, dd = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
+        # float32 gradients: the far kernels add to them (the direct passes write every row first, unless dk / dv
+        # are added atomically)
+        key_major = TUNING["key_major"]
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk, dvv = ((torch.empty if key_major else torch.zeros)(t.shape, dtype=torch.float32, device=q.device)
+                   for t in (k, v))
+        direct = dict(LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
+                      HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct, num_stages=p.stages_direct)
+        scalars = (float(scale), int(band), c0, c1, c2, float(softcap or 0.0))
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+        _direct_bwd_q[(p.nq // chunk, p.b * p.h)](
+            q, k, v, valid, out, do, m, den, fa, fb, dd, dq, dk, dvv, *strides, p.nq, p.nk, p.h, p.g, *scalars,
+            ATOMIC_KV=not key_major, **direct,
         )
+        if key_major:
+            _direct_bwd_kv[(p.nk // chunk, p.b * p.hkv)](
+                q, k, v, valid, do, m, den, dd, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars, **direct,
+            )
         if p.ns > 1:
             ta, tb = _tiles(p.d, tile, q.device)
             nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
