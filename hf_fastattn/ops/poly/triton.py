@@ -34,7 +34,7 @@ Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|]
 a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
 D = 64, 1.2x at 128k and 2.3x at 256k for D = 128. This layout has 19 % (D = 128) to 31 % (D = 64) fewer
 feature rows and no float32 [N, D + 1] buffers, and its schedule was chosen by the sm_90 compile report of
-`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.8 KB now); at 1M
+`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.7 KB now); at 1M
 tokens and D = 128 a forward + backward holds 58 GiB (125 before: out of memory). Its GPU timings are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
@@ -467,7 +467,7 @@ def _direct_bwd_kv(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     NQ, NK, HKV, G, scale, band, c0, c1, c2, softcap,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr, BQ: tl.constexpr,
 ):
     """Key chunk i_j: dk, dv of every direct window that holds it (query chunks kc with
     state(kc) SEG <= i_j <= kc, all G query heads of its K/V head), accumulated in registers and stored: the
@@ -491,8 +491,9 @@ def _direct_bwd_kv(
     for g in range(0, G):
         i_h = i_hk * G + g
         r_off = (i_b * HKV * G + i_h) * NQ  # the [B, H, NQ] row buffers
-        for kc in range(lo, hi):
-            rows = (kc - C0) * BT + o_t
+        for qb in range(lo * (BT // BQ), hi * (BT // BQ)):  # blocks of BQ = 32 query rows: 40 % less spill than 64
+            o_s = qb * BQ + tl.arange(0, BQ)  # key slots of the query rows
+            rows = o_s - C0 * BT
             b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D,
                           other=0.0)
             b_do = tl.load(DO + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :],
@@ -500,7 +501,7 @@ def _direct_bwd_kv(
             b_dn = (b_do * _rcp(tl.load(DEN + r_off + rows))[:, None]).to(DT)
             # [keys, queries] blocks, so that the dk / dv products need no transposed register tensors
             xt = tl.dot(b_k, tl.trans(b_q)) * scale
-            wt, dwdx = _direct_weights(xt, kc * BT + o_t, o_k, m_k, tl.load(M + r_off + rows), band, c0, c1, c2,
+            wt, dwdx = _direct_weights(xt, o_s, o_k, m_k, tl.load(M + r_off + rows), band, c0, c1, c2,
                                        softcap, HAS_SOFTCAP, True)
             dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(DD + r_off + rows)[None, :]
             b_dv += tl.dot(wt.to(DT), b_dn)
@@ -649,7 +650,7 @@ def _far_bwd_v(
             b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D, DV, _BL, _BL, DT,
                               True, RESHAPE)
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
-        # one program per key block: a plain read-add-write after `_direct_bwd_kv` (same stream) is race-free
+        # one program per key block: a plain read-add-write after the direct passes (same stream) is race-free
         tl.store(p_dv, tl.load(p_dv, mask=m_r & m_e) + b_acc * valid[:, None], mask=m_r & m_e)
 
 
@@ -840,7 +841,8 @@ class PolyTritonFunction(torch.autograd.Function):
         )
         if key_major:
             _direct_bwd_kv[(p.nk // chunk, p.b * p.hkv)](
-                q, k, v, valid, do, m, den, dd, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars, **direct,
+                q, k, v, valid, do, m, den, dd, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars,
+                BQ=min(32, chunk), **direct,
             )
         if p.ns > 1:
             ta, tb = _tiles(p.d, tile, q.device)
