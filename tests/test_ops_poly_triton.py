@@ -97,6 +97,9 @@ def test_triton_errors_and_dispatch():
         poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 0, 16, rows_per_block=4)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         poly_triton_attention(q.double(), k.double(), v.double(), 0.3, poly_coefficients(2), 0, 16)
+    wide = [torch.randn(1, 1, 40, 256) for _ in range(3)]
+    with pytest.raises(ValueError, match="head_dim > 128 need chunk_size <= 32"):
+        poly_triton_attention(*wide, 0.3, poly_coefficients(2), 0, 64)
     # kernel="triton" on CPU tensors runs the interpreted kernels through the public entry point
     out = poly_attention(q, k, v, 0.3, chunk=16, kernel="triton")
     assert torch.allclose(out, poly_attention(q, k, v, 0.3, chunk=16, kernel="torch"), atol=1e-5)
@@ -149,6 +152,7 @@ def _has_nvidia_backend():
 @pytest.mark.parametrize("args", [
     pytest.param(["--head-dim", "64", "128"], id="bf16-D64,128"),
     pytest.param(["--head-dim", "128", "--dtype", "fp32"], id="fp32-D128"),
+    pytest.param(["--head-dim", "256", "--dtype", "bf16", "fp32", "--chunk", "32"], id="D256-chunk32"),
     pytest.param(["--head-dim", "96", "--dtype", "fp16", "--band", "100", "--softcap", "30", "--gqa", "4",
                   "--rows", "2", "--tile", "8"], id="fp16-D96-softcap-GQA-rows2-tile8"),
 ])

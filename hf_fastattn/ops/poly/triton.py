@@ -896,6 +896,10 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {q.dtype} "
                          "(use kernel='torch')")
+    if q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128 and chunk > 32:
+        # the direct passes' float32 [chunk, 256] blocks take 256-320 KiB of shared memory (H100: 227 KiB)
+        raise ValueError(f"float32 inputs with head_dim > 128 need chunk_size <= 32 in the Triton kernels, got "
+                         f"{chunk} (or use bfloat16 / float16, or kernel='torch')")
     nq = q.shape[2]
     qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
     b, h, nqp, d = qp.shape
