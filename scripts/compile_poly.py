@@ -172,6 +172,16 @@ def compile_all(log, arch):
     return rows
 
 
+def _save(a, **report):
+    """Write the report to --out (if given) with versions, date, target, tuning and the command's options."""
+    if a.out:
+        from hf_fastattn.bench import environment
+
+        env = dict(environment(torch.device("cpu")), target=f"sm_{a.arch}", tuning=dict(pt.TUNING))
+        with open(a.out, "w") as f:
+            json.dump({"env": env, "config": vars(a), **report}, f, indent=1)
+
+
 def memory_report(a, dtypes):
     rows = []
     for name in a.dtype:
@@ -185,11 +195,7 @@ def memory_report(a, dtypes):
                       f"inputs and gradients included); allocations >= 1 GiB:")
                 for b, op, shape, dt in big:
                     print(f"    {b / 2**30:6.2f} GiB  {op:<28} {list(shape)} {dt}")
-    if a.out:
-        from hf_fastattn.bench import environment
-
-        with open(a.out, "w") as f:
-            json.dump({"env": environment(torch.device("cpu")), "config": vars(a), "memory": rows}, f, indent=1)
+    _save(a, memory=rows)
     return 0
 
 
@@ -229,12 +235,7 @@ def main(argv=None):
             n = 16 * a.chunk * a.rows  # enough chunks for three boundary states
             log = capture(d, dtypes[name], a.tile, a.rows, a.chunk, n, 2 * a.gqa, 2, a.band, a.softcap)
             report += [dict(dtype=name, d=d, **row) for row in compile_all(log, a.arch)]
-    if a.out:
-        from hf_fastattn.bench import environment
-
-        env = dict(environment(torch.device("cpu")), target=f"sm_{a.arch}", tuning=dict(pt.TUNING))
-        with open(a.out, "w") as f:
-            json.dump({"env": env, "config": vars(a), "kernels": report}, f, indent=1)
+    _save(a, kernels=report)
     if a.json:
         print(json.dumps(report, indent=1))
     else:

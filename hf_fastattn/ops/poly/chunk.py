@@ -30,9 +30,13 @@ NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------- shared pieces (fwd, bwd, direct)
-def far_log_bound(q, kmax, scale, coeffs):
-    """log of sum_t |c_t| (s |q_i| max|k|)^t >= log P(x_ij) for every key: [B, Hkv, G, Nq] from q [B, Hkv, G, Nq, D]."""
-    beta = scale * q.norm(dim=-1) * kmax[:, :, None, None]
+def far_log_bound(q5, k, valid, scale, coeffs):
+    """log of sum_t |c_t| (s |q_i| max_j |k_j|)^t >= log P(x_ij) for every valid key j: [B, Hkv, G, Nq] from
+    q5 [B, Hkv, G, Nq, D], k [B, Hkv, Nk, D], valid [B, Nk]. The norms accumulate in the accumulation dtype
+    without a converted copy of q or k (gigabytes at 1M tokens)."""
+    dt = acc_dtype(q5.dtype)
+    kmax = torch.linalg.vector_norm(k, dim=-1, dtype=dt).masked_fill(~valid[:, None, :], 0.0).amax(-1)
+    beta = scale * torch.linalg.vector_norm(q5, dim=-1, dtype=dt) * kmax[:, :, None, None]
     return torch.log(abs_poly(coeffs, beta))
 
 
@@ -131,9 +135,7 @@ def _prepare(q, k, v, valid, scale, coeffs, lay):
     q5 = q.view(lay.b, lay.hkv, lay.g, lay.nq, lay.d)
     fmap = FeatureMap.get(lay.d, len(coeffs) - 1)
     coef = fmap.coefficients(coeffs, scale, dt, q.device)  # coef * fmap(q) . fmap(k) = P(s q.k)
-    kn = k.to(dt).norm(dim=-1).masked_fill(~valid[:, None, :], 0.0)
-    kmax = kn.amax(-1)  # [B, Hkv]
-    bound = far_log_bound(q5.to(dt), kmax, scale, coeffs)  # [B, Hkv, G, Nq]
+    bound = far_log_bound(q5, k, valid, scale, coeffs)  # [B, Hkv, G, Nq]
     slots = torch.arange(lay.nk - lay.nq, lay.nk, device=q.device)[None]
     has_far = has_far_key(valid, slots, lay.band)[:, None, None, :]  # [B, 1, 1, Nq]
     return dt, q5, fmap, coef, bound, has_far
@@ -271,8 +273,7 @@ def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid
     dt = acc_dtype(q.dtype)
     valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
     q5 = q.view(b, hkv, h // hkv, nq, d).to(dt)
-    kmax = k.to(dt).norm(dim=-1).masked_fill(~valid[:, None, :], 0.0).amax(-1)
-    bound = far_log_bound(q5, kmax, scale, coeffs)
+    bound = far_log_bound(q5, k, valid, scale, coeffs)
     slots = torch.arange(nk - nq, nk, device=q.device)
     has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
     x = (q5 * scale) @ k.to(dt)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk]

@@ -48,7 +48,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import acc_dtype
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
@@ -221,6 +220,15 @@ def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.cons
 
 
 @triton.jit
+def _den_zeros(BA_: tl.constexpr, LIN: tl.constexpr):
+    """An empty `_den_sum` accumulator: [BL] for linear blocks, [BA, BA] for tiles."""
+    if LIN:
+        return tl.zeros([BA_], tl.float32)
+    else:
+        return tl.zeros([BA_, BA_], tl.float32)
+
+
+@triton.jit
 def _den_store(SD, p_s, value, BA_: tl.constexpr, LIN: tl.constexpr):
     """Store a `_den_sum` at a block's rows of a denominator state."""
     if LIN:
@@ -260,10 +268,7 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     b_s = tl.zeros([F, BDV], tl.float32)
-    if LIN:
-        b_sd = tl.zeros([F], tl.float32)
-    else:
-        b_sd = tl.zeros([BA_, BA_], tl.float32)
+    b_sd = _den_zeros(BA_, LIN)
     for s in range(0, NS):
         a0, b0, p_s = _block(TA, TB, t, i_bh * NS + s, NR, BASE, BA_, F, LIN)
         tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
@@ -563,10 +568,7 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
     NC = NK // BT
     C0 = (NK - NQ) // BT
     b_u = tl.zeros([F, BDV], tl.float32)
-    if LIN:
-        b_ud = tl.zeros([F], tl.float32)
-    else:
-        b_ud = tl.zeros([BA_, BA_], tl.float32)
+    b_ud = _den_zeros(BA_, LIN)
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
         a0, b0, p_u = _block(TA, TB, t, i_bh * (NS - 1) + s, NR, BASE, BA_, F, LIN)
@@ -910,11 +912,8 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     if not isinstance(segment, int) or segment & (segment - 1) or segment < chunk * rows_per_block:
         raise ValueError(f"segment must be 'auto' or a power of two >= chunk_size * rows_per_block "
                          f"({chunk * rows_per_block}), got {segment!r}")
-    dt = acc_dtype(q.dtype)
     # row shift inputs (as in chunk.py): the far bound and whether a row has far keys at all
-    kmax = torch.linalg.vector_norm(kp, dim=-1, dtype=dt).masked_fill(~valid[:, None, :], 0.0).amax(-1)
-    qn = torch.linalg.vector_norm(qp, dim=-1, keepdim=True, dtype=dt)  # far_log_bound needs |q| only
-    bound = far_log_bound(qn.view(b, hkv, h // hkv, nqp, 1), kmax, scale, coeffs).reshape(b, h, nqp)
+    bound = far_log_bound(qp.view(b, hkv, h // hkv, nqp, d), kp, valid, scale, coeffs).reshape(b, h, nqp)
     slots = torch.arange(nkp - nqp, nkp, device=q.device)[None]
     hasfar = has_far_key(valid, slots, band).to(torch.int32).contiguous()
     out = PolyTritonFunction.apply(qp, kp, vp, valid.to(torch.int32).contiguous(), bound.float().contiguous(),
