@@ -54,10 +54,10 @@ def _method_fn(name: str, args):
             from .ops.poly.features import poly_coefficients
             from .ops.poly.triton import BA, poly_triton_attention
 
-            c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), int(extra.get("rows", 1))
+            c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), extra.get("rows")
             seg = int(extra["seg"]) if "seg" in extra else "auto"
             return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile, segment=seg,
-                                                         rows_per_block=rows)
+                                                         rows_per_block=rows and int(rows))
         return lambda q, k, v: poly_attention(q, k, v, scale, degree=degree, band=band, chunk=chunk, kernel=kernel)
     if base == "conv":
         from .ops.conv import conv_attention

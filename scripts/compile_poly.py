@@ -40,15 +40,13 @@ from hf_fastattn.ops.poly import triton as pt  # noqa: E402
 from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # bytes per block (opt-in maximum)
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-        torch.int64: "*i64"}
-
 
 def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=None, device="cpu", mode=None):
     """Every kernel launch of one forward + backward, as (kernel, positional args, keyword args). The kernels do
     not run, so `device="meta"` works at any length; `mode` (a TorchDispatchMode) sees every torch op, and then
     no launch is kept (the log would keep the kernels' tensors alive)."""
     log = []
+    rows = rows or pt.default_rows(chunk, dtype, d)
 
     class Recorder:
         def __init__(self, fn):
@@ -108,25 +106,19 @@ def peak_memory(d, dtype, n, heads, tile, rows, chunk):
     return tracker
 
 
-def _signature(fn, args, kwargs):
-    names = fn.arg_names
-    sig, consts = {}, {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = _PTR[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+def _source(fn, args, kwargs, target):
+    """What a launch of fn[grid](*args, **kwargs) compiles for `target`: Triton's own argument binder, so the
+    source carries the same specialisation a real launch gets (pointers aligned to 16 bytes and integers
+    divisible by 16 marked as such, integers equal to 1 folded). Without it, loads are not known to be
+    aligned, cannot be vectorised or pipelined with cp.async, and the report describes other code."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-    for name, value in kwargs.items():
-        if name not in options:
-            sig[name], consts[name] = "constexpr", value
-    return sig, consts, options
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
 def _resources(ptx: str, arch: int) -> dict:
@@ -144,31 +136,43 @@ def _resources(ptx: str, arch: int) -> dict:
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack, stores, loads = (int(x) for x in spill.groups()) if spill else (0, 0, 0)
-    return {"regs": int(regs.group(1)) if regs else -1, "stack": stack, "spill_stores": stores, "spill_loads": loads}
+    return {"regs": int(regs.group(1)) if regs else -1, "stack": stack, "spill_stores": stores, "spill_loads": loads,
+            # asynchronous copies exist only where a loop's loads were software-pipelined (num_stages > 1 and
+            # aligned, vectorisable addresses); wgmma is Hopper's asynchronous tensor-core MMA, mma.sync the older
+            # synchronous one (or none: float32 "ieee" dots run on the FMA units)
+            "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
+            "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync\.", ptx))}
+
+
+def _compile(fn, args, kwargs, target, arch):
+    """One launch compiled as `hf_fastattn.ops.poly.triton._launch` would run it: at its num_stages, then
+    shallower while the kernel exceeds the shared memory of sm_<arch>. A report row."""
+    wanted = kwargs.get("num_stages", 3)
+    for stages in range(wanted, 0, -1):
+        src, options = _source(fn, args, dict(kwargs, num_stages=stages), target)
+        row = {"kernel": fn.__name__, "warps": options.get("num_warps", 4), "stages": stages}
+        t0 = time.perf_counter()
+        try:
+            compiled = triton.compile(src, target=target, options=options)
+        except Exception as err:  # the report says which kernel and why; the exit code says it failed
+            return dict(row, error=f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
+        row.update(shared_kib=round(compiled.metadata.shared / 1024, 1), **_resources(compiled.asm["ptx"], arch),
+                   compile_s=round(time.perf_counter() - t0, 1))
+        if compiled.metadata.shared <= SHARED_LIMIT.get(arch, compiled.metadata.shared):
+            return dict(row, stages_wanted=wanted) if stages < wanted else row
+    return dict(row, error=f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B of sm_{arch} "
+                           "even unpipelined")
 
 
 def compile_all(log, arch):
     """Compile every distinct captured launch for sm_<arch>: a list of report rows."""
-    seen, rows = set(), []
+    seen, rows, target = set(), [], GPUTarget("cuda", arch, 32)
     for fn, args, kwargs in log:
-        sig, consts, options = _signature(fn, args, kwargs)
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        t0 = time.perf_counter()
-        row = {"kernel": fn.__name__, "warps": options.get("num_warps", 4), "stages": options.get("num_stages", 3)}
-        try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                      target=GPUTarget("cuda", arch, 32), options=options)
-        except Exception as err:  # the report says which kernel and why; the exit code says it failed
-            row.update(error=f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
-        else:
-            row.update(shared_kib=round(compiled.metadata.shared / 1024, 1), **_resources(compiled.asm["ptx"], arch))
-            if arch in SHARED_LIMIT and compiled.metadata.shared > SHARED_LIMIT[arch]:
-                row["error"] = f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B of sm_{arch}"
-        row["compile_s"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
+        key = (fn.__name__, _source(fn, args, kwargs, target)[0].hash(), str(kwargs.get("num_warps")),
+               str(kwargs.get("num_stages")))
+        if key not in seen:
+            seen.add(key)
+            rows.append(_compile(fn, args, kwargs, target, arch))
     return rows
 
 
@@ -204,14 +208,15 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions D to compile for")
     p.add_argument("--dtype", nargs="+", choices=["bf16", "fp16", "fp32"], default=["bf16"], help="input dtypes")
     p.add_argument("--tile", type=int, default=pt.BA, help="quadratic tile width (8 or 16)")
-    p.add_argument("--rows", type=int, default=1, help="query chunks per forward block (1 or 2)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="query chunks per readout block (1 or 2; default: the kernels' default_rows)")
     p.add_argument("--chunk", type=int, default=64, help="chunk size")
     p.add_argument("--band", type=int, default=0, help="exact band (0: none)")
     p.add_argument("--softcap", type=float, default=None, help="logit softcap (compiles the softcap variant)")
     p.add_argument("--gqa", type=int, default=1, help="query heads per K/V head (the U sweep unrolls over them)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
     p.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides of hf_fastattn.ops.poly.triton.TUNING (reshape, bdv_read, bdv_state, key_major)")
+                   help="overrides of hf_fastattn.ops.poly.triton.TUNING (" + ", ".join(pt.TUNING) + ")")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report, with versions and date, to this JSON file")
     p.add_argument("--memory", type=int, nargs="+", default=None, metavar="N",
@@ -232,20 +237,23 @@ def main(argv=None):
     report = []
     for name in a.dtype:
         for d in a.head_dim:
-            n = 16 * a.chunk * a.rows  # enough chunks for three boundary states
+            n = 32 * a.chunk  # enough chunks for three boundary states
             log = capture(d, dtypes[name], a.tile, a.rows, a.chunk, n, 2 * a.gqa, 2, a.band, a.softcap)
             report += [dict(dtype=name, d=d, **row) for row in compile_all(log, a.arch)]
     _save(a, kernels=report)
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"sm_{a.arch}, tile {a.tile}, rows {a.rows}, chunk {a.chunk}, {pt.TUNING}, triton {triton.__version__}")
-        cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib")
-        print(" ".join(f"{c:>12}" for c in cols))
+        print(f"sm_{a.arch}, tile {a.tile}, rows {a.rows or 'default'}, chunk {a.chunk}, {pt.TUNING}, "
+              f"triton {triton.__version__}")
+        cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib",
+                "cp_async", "wgmma")
+        print(" ".join(f"{c:>12}" for c in cols[:4]) + f" {'stages':>6}{'':7} " + " ".join(f"{c:>12}" for c in cols[5:]))
         for r in report:
-            cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:3])
+            cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:4])
+            cells += f" {r['stages']:>6}" + (f" (of {r['stages_wanted']})" if "stages_wanted" in r else " " * 7)
             if "regs" in r:
-                cells += " " + " ".join(f"{r[c]:>12}" for c in cols[3:])
+                cells += " " + " ".join(f"{r[c]:>12}" for c in cols[5:])
             print(cells + (f"  FAILED: {r['error']}" if "error" in r else ""))
     return 1 if any("error" in r for r in report) else 0
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Per-kernel GPU time of one poly-Triton forward+backward (torch.profiler), for one or more schedules.
 
-    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 key_major=0 rows=2,bdv_read=64
+    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 bdv_state=128
 Variant keys: tile, rows, segment, and the `TUNING` knobs of hf_fastattn.ops.poly.triton (reshape, bdv_read,
-bdv_state, key_major; 0/1 for the switches). One line per variant: total CUDA ms and the share of every kernel.
+bdv_state, key_major, stages_read, stages_sweep; 0/1 for the switches). One line per variant: total CUDA ms and
+the share of every kernel.
 """
 
 import argparse
@@ -30,7 +31,7 @@ def run_variant(spec: str, a) -> str:
     def step():
         out = pt.poly_triton_attention(q, k, v, a.head_dim**-0.5, poly_coefficients(2), 0, a.chunk,
                                        tile=int(opts.get("tile", 16)), segment=seg,
-                                       rows_per_block=int(opts.get("rows", 1)))
+                                       rows_per_block=int(opts["rows"]) if "rows" in opts else None)
         out.backward(torch.ones_like(out))
 
     try:

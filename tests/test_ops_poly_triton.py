@@ -142,6 +142,41 @@ def test_triton_tuning_knobs_agree(monkeypatch, reshape, key_major):
     _compare(q, k, v, valid, 3, None, 16, poly_coefficients(2), 1e-5, 1e-5)
 
 
+def test_launch_lowers_pipelining_to_fit_shared_memory():
+    """Pipelining depth is a speed choice: `_launch` retries a launch that exceeds the GPU's shared memory
+    (Triton raises before the kernel runs) with fewer stages, remembers what fit, and names the options when even
+    one stage does not fit. A fake kernel needs 100 KiB per stage."""
+    from triton.runtime.errors import OutOfResources
+
+    from hf_fastattn.ops.poly import triton as pt
+
+    class Kernel:
+        __name__ = "_fake"
+
+        def __init__(self, limit):
+            self.limit, self.stages = limit, []
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **meta):
+                self.stages.append(num_stages)
+                if 100 * 1024 * num_stages > self.limit:
+                    raise OutOfResources(100 * 1024 * num_stages, self.limit, "shared memory")
+            return run
+
+    x = torch.randn(3)
+    h100 = Kernel(227 * 1024)
+    pt._launch(h100, (1,), x, 3, num_stages=3, BT=16)
+    pt._launch(h100, (1,), x, 5, num_stages=3, BT=16)
+    assert h100.stages == [3, 2, 2]  # the second launch starts from what fit
+    pt._launch(h100, (1,), x, num_stages=3, BT=32)  # another variant is tried afresh
+    assert h100.stages[3:] == [3, 2]
+    with pytest.raises(ValueError, match="_fake needs 102400 B of shared memory even unpipelined.*chunk_size"):
+        pt._launch(Kernel(64 * 1024), (1,), x, num_stages=2)
+    assert pt.default_rows(64, torch.bfloat16, 128) == 2
+    assert pt.default_rows(128, torch.bfloat16, 128) == 1  # 2 x 128 rows do not fit even unpipelined
+    assert pt.default_rows(64, torch.float32, 128) == 1
+
+
 def _has_nvidia_backend():
     import importlib.util
 
@@ -156,19 +191,26 @@ def _has_nvidia_backend():
     pytest.param(["--head-dim", "96", "--dtype", "fp16", "--band", "100", "--softcap", "30", "--gqa", "4",
                   "--rows", "2", "--tile", "8"], id="fp16-D96-softcap-GQA-rows2-tile8"),
 ])
-def test_kernels_compile_for_sm90(args):
+def test_kernels_compile_for_sm90(args, tmp_path):
     """What the interpreter cannot check: every kernel launch of a forward + backward compiles for an H100
-    (sm_90) with Triton's own ptxas and fits its shared memory. float32 at D = 128 did not (a pipelined
-    direct backward took 288 KiB) until the plan gave it one stage."""
+    (sm_90) with Triton's own ptxas, specialised as a real launch is, and fits its shared memory at the depth
+    `_launch` would settle on. float32 at D = 128 did not fit at all until it got 1-stage readouts. At the
+    default bf16 schedule every loop that loads must be software-pipelined (cp.async copies in the PTX): with
+    num_stages=1 the readouts waited on every state slice they read."""
+    import json
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
-    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_poly.py"), *args], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_poly.py"), *args, "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("_fwd") >= 2  # the report lists the kernels it compiled
+    kernels = json.loads(out.read_text())["kernels"]
+    assert {r["kernel"] for r in kernels} >= {"_state_fwd", "_fwd", "_direct_bwd_q", "_far_bwd_k"}
+    if len(args) == 3:  # the default bf16 schedule
+        assert all(r["cp_async"] > 0 and r["wgmma"] > 0 and "stages_wanted" not in r for r in kernels), kernels
 
 
 def test_peak_memory_at_1m_tokens_fits_an_h100():
@@ -182,6 +224,6 @@ def test_peak_memory_at_1m_tokens_fits_an_h100():
     spec = importlib.util.spec_from_file_location("compile_poly", os.path.join(root, "scripts", "compile_poly.py"))
     cp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cp)
-    gib = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, 1, 64).peak / 2**30 for n in (2**18, 2**20)}
+    gib = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, None, 64).peak / 2**30 for n in (2**18, 2**20)}
     assert gib[2**20] < 64, gib
     assert gib[2**20] < 4.4 * gib[2**18], gib  # no N^2 term: a quadratic one would give 16x

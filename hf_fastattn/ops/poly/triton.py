@@ -33,9 +33,12 @@ updated / read with small full-precision float32 dots (sum_r w_r xa_r xb_r^T, xa
 Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|] coordinates padded to 144,
 a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
 D = 64, 1.2x at 128k and 2.3x at 256k for D = 128. This layout has 19 % (D = 128) to 31 % (D = 64) fewer
-feature rows and no float32 [N, D + 1] buffers, and its schedule was chosen by the sm_90 compile report of
-`scripts/compile_poly.py` (register spills at D = 128: 6.7 KB of spill code before, 0.7 KB now); at 1M
-tokens and D = 128 a forward + backward holds 58 GiB (125 before: out of memory). Its GPU timings are owed.
+feature rows and no float32 [N, D + 1] buffers. Its schedule was read off the sm_90 compile report of
+`scripts/compile_poly.py`, which compiles every launch as Triton specialises it: the measured kernels ran every
+feature-block loop unpipelined (num_stages=1) and spilled 4.2 KB at D = 128 (bf16); here every loop that loads is
+software-pipelined (`TUNING` stages_read / stages_sweep; `_launch` lowers the depth where a variant exceeds the
+GPU's shared memory) and nothing spills. At 1M tokens and D = 128 a forward + backward holds about 58 GiB (125
+before: out of memory). Its GPU timings are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
 """
@@ -47,18 +50,25 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
 BA = 16  # default coordinates per quadratic tile: a tile holds BA * BA = 256 features
+READ_ROWS = 128  # query rows per readout program by default (`default_rows`): every [F, BDV] state slice it
+# reads from L2 serves that many rows (64 rows make 64 FLOP per byte, under the ~180 an H100's L2 feeds); 2 chunks
+# of 64 measured faster than 1 on an H100 (02f0c00)
 BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
 _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
-# gathered, value columns per program of the readouts and of the register-resident state sweeps. Defaults (with
-# rows_per_block=1): the fewest register spills in `scripts/compile_poly.py` for sm_90 at D = 64 and 128.
-# key_major: the direct window's dk / dv in a key-major pass (stored) instead of atomic adds from the query pass.
-TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64, "key_major": True}
+# gathered, value columns per program of the readouts and of the register-resident state sweeps (128 spills
+# ~0.8 KB in the key sweep at D = 128; 64 none), key_major: the direct window's dk / dv in a key-major pass
+# (stored) instead of atomic adds from the query pass, and the software-pipelining depth of the loops of the
+# readouts (feature blocks: the next [F, BDV] state slice loads while this one multiplies) and of the sweeps (the
+# next chunk's keys and values). With 1 stage no load is pipelined (`scripts/compile_poly.py` counts the
+# cp.async copies); 2 is the deepest whose readouts fit an H100's shared memory at D = 128 in 16-bit.
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64, "key_major": True, "stages_read": 2, "stages_sweep": 3}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under (the backward adds as much for U)
 
 
@@ -152,39 +162,42 @@ def _factors(X, p_rows, a0, b0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr):
 
 
 @triton.jit
-def _phi(X, p_rows, a0, b0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr,
+def _phi(X, p_rows, a0, b0, m_r, rs, wa, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr,
          RESHAPE: tl.constexpr):
-    """Unweighted features of a block of rows, [rows, F] float32. Linear: [x~, 1] (1 on coordinate D of valid
+    """Features of a block of rows times wa, [rows, F] float32. Linear: [x~, 1] (1 on coordinate D of valid
     rows). Quadratic: the outer product of two [rows, BA] loads flattened in registers (RESHAPE), or the
-    product of the two gathered [rows, F] factors."""
+    product of the two gathered [rows, F] factors. wa (a scalar, [rows, 1] or, linear, [1, BL]: feature weights,
+    row validity) multiplies the first factor: BA values per row instead of BA^2 features."""
     if LIN:
         o_a = tl.arange(0, BA_) + a0
-        return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, rs, D, BA_))
+        return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, rs, D, BA_)) * wa
     elif RESHAPE:
-        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
+        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_) * wa
         xb = _coords(X, p_rows, b0, m_r, rs, D, BA_)
         return tl.reshape(xa[:, :, None] * xb[:, None, :], (p_rows.shape[0], BA_ * BA_))
     else:
         xa, xb = _factors(X, p_rows, a0, b0, m_r, rs, D, BA_)
-        return xa * xb
+        return (xa * wa) * xb
 
 
 @triton.jit
-def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
+def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, wg, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
                  DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
-    """Add d/dx of sum(g * phi(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs; the
-    constant coordinate and the padding beyond D are dropped). Quadratic, RESHAPE: g viewed as [rows, BA, BA]
-    and summed against the partner block; else products with 0/1 selector matrices [F, BS] (BS = max(BA, 16),
-    the smallest tl.dot width) of the gathered factors."""
+    """Add d/dx of sum(wg g * phi(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs; the
+    constant coordinate and the padding beyond D are dropped). wg (feature weights, row validity: a scalar,
+    [rows, 1] or, linear, [1, BL]) scales the [rows, BA] coordinate gradients, not the [rows, F] g. Quadratic,
+    RESHAPE: g viewed as [rows, BA, BA] and summed against the partner block; else products with 0/1 selector
+    matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width) of the gathered factors."""
     o_a = tl.arange(0, BA_)
+    rs_g = rs * wg
     if LIN:
-        tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * rs, mask=m_r & ((o_a + a0)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * rs_g, mask=m_r & ((o_a + a0)[None, :] < D))
     elif RESHAPE:
         xa = _coords(X, p_x, a0, m_r, rs, D, BA_)
         xb = _coords(X, p_x, b0, m_r, rs, D, BA_)
         g3 = tl.reshape(g, (p_x.shape[0], BA_, BA_))
-        da = tl.sum(g3 * xb[:, None, :], 2) * rs  # [rows, BA]
-        db = tl.sum(g3 * xa[:, :, None], 1) * rs
+        da = tl.sum(g3 * xb[:, None, :], 2) * rs_g  # [rows, BA]
+        db = tl.sum(g3 * xa[:, :, None], 1) * rs_g
         tl.atomic_add(G_ + p_g + (a0 + o_a)[None, :], da, mask=m_r & ((a0 + o_a)[None, :] < D))
         tl.atomic_add(G_ + p_g + (b0 + o_a)[None, :], db, mask=m_r & ((b0 + o_a)[None, :] < D))
     else:
@@ -192,8 +205,8 @@ def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, m_r, D: tl.constexpr, BA_: tl.c
         o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
         sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
         sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
-        da = tl.dot((g * xb).to(DT), sel_a) * rs  # [rows, BS]
-        db = tl.dot((g * xa).to(DT), sel_b) * rs
+        da = tl.dot((g * xb).to(DT), sel_a) * rs_g  # [rows, BS]
+        db = tl.dot((g * xa).to(DT), sel_b) * rs_g
         ok = o_s[None, :] < BA_
         tl.atomic_add(G_ + p_g + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
         tl.atomic_add(G_ + p_g + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
@@ -205,7 +218,7 @@ def _den_sum(X, p_rows, a0, b0, m_r, w, coef, rs, D: tl.constexpr, BA_: tl.const
     [BA, BA] matrix coef sum_r w_r xa_r xb_r^T (feature order when flattened): one small float32 dot, so no
     [rows, F] float32 feature block lives next to the bf16 one (it made the sweeps spill)."""
     if LIN:
-        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, D, BA_, True, True) * coef * w[:, None], 0)
+        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, coef * w[:, None], D, BA_, True, True), 0)
     else:
         xa = _coords(X, p_rows, a0, m_r, rs, D, BA_) * w[:, None]
         return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, rs, D, BA_), input_precision="ieee") * coef
@@ -280,7 +293,7 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
                 valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
                 p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
                 m_t = o_t[:, None] < BT
-                fk = _phi(K, p_k, a0, b0, m_t, rs, D, BA_, LIN, RESHAPE) * valid[:, None]
+                fk = _phi(K, p_k, a0, b0, m_t, rs, valid[:, None], D, BA_, LIN, RESHAPE)
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
                 if i_e == 0:
@@ -316,7 +329,7 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
     """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     coef = _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
-    fq = _phi(X, p_x, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE) * coef
+    fq = _phi(X, p_x, a0, b0, m_r, rs, coef, D, BA_, LIN, RESHAPE)
     b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     acc += tl.dot(fq.to(DT), b_s.to(DT))
     if LIN:
@@ -519,7 +532,7 @@ def _direct_bwd_kv(
 def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
               D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
               BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
-    """Feature block t's part of dq: g = coef (dNF_num S_t^T + dNF_den SD_t) [rows, F], then the VJP."""
+    """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
     for e0 in tl.static_range(0, DV, BDV):  # accumulator keeps the dot's layout, which spills less)
@@ -527,8 +540,9 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, 
         b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
-    g = (g + fb[:, None] * tl.load(SD + p_s)[None, :]) * _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
-    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    g += fb[:, None] * tl.load(SD + p_s)[None, :]
+    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, rs, _coef(a0, b0, c0, c1, c2, D, BA_, LIN), m_r, D, BA_, BS, DT, LIN,
+                 RESHAPE)
 
 
 @triton.jit
@@ -581,7 +595,7 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
             for g in tl.static_range(G):
                 i_h = i_b * H + i_hk * G + g  # flat (batch, head) of the [B, H, NQ] row factors
                 p_q = i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn
-                fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, rs, D, BA_, LIN, RESHAPE) * coef
+                fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, rs, coef, D, BA_, LIN, RESHAPE)
                 p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
                 b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
@@ -621,7 +635,7 @@ def _dv_block(acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D: 
               BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """acc += phi_k(k) U_t."""
     a0, b0, p_u = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    fk = _phi(K, p_k, a0, b0, m_r, rs, D, BA_, LIN, RESHAPE)
+    fk = _phi(K, p_k, a0, b0, m_r, rs, 1.0, D, BA_, LIN, RESHAPE)
     b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     return acc + tl.dot(fk.to(DT), b_u.to(DT))
 
@@ -670,7 +684,7 @@ def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BA
         b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
     g += tl.load(UD + p_u)[None, :]
-    _feature_vjp(K, p_k, DK, p_dk, a0, b0, g * valid[:, None], rs, m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, rs, valid[:, None], m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
@@ -759,21 +773,19 @@ class _Plan:
         # warps: a [256, 128] float32 state slice (tile 16) needs 8 to stay (mostly) in registers
         self.nw_far = 8 if tile == 16 or rows_per_block * chunk > 128 else 4
         self.nw_direct = 8 if d > 64 else 4
-        self.stages_far = 1 if tile == 16 else 2  # tile 16's [rows, 256] operands overflow shared memory pipelined
-        # float32 operands take twice the shared memory: at D > 64 the forward's [F, 128] state slice and the
-        # direct backward's pipelined blocks exceed the 227 KiB of an H100 (scripts/compile_poly.py --dtype fp32)
-        wide = q.element_size() == 4 and d > 64
-        self.stages_direct = 1 if wide else 3
-        self.bdv_fwd = min(self.bdv_read, 64) if wide else self.bdv_read
+        # pipelining depths; `_launch` lowers them where a variant exceeds the GPU's shared memory (float32
+        # operands take twice as much: at D = 128 its readouts only fit unpipelined, in 64-wide value blocks)
+        self.stages_read, self.stages_sweep, self.stages_direct = TUNING["stages_read"], TUNING["stages_sweep"], 3
+        self.bdv_fwd = min(self.bdv_read, 64) if q.element_size() == 4 and d > 64 else self.bdv_read
 
     def geometry(self):
         """Runtime arguments every feature-block kernel takes after its shapes: NT, NL, NR, BASE."""
         return self.nt, self.nl, self.nr, self.base
 
-    def meta(self, **extra):
-        """Compile-time arguments every feature-block kernel takes."""
+    def meta(self, sweep=False, **extra):
+        """Compile-time arguments every feature-block kernel takes (sweep: a state sweep, else a readout)."""
         return dict(D=self.d, DV=self.dv, BT=self.chunk, BA_=self.tile, DT=self.dt, RESHAPE=self.reshape,
-                    num_warps=self.nw_far, num_stages=self.stages_far, **extra)
+                    num_warps=self.nw_far, num_stages=self.stages_sweep if sweep else self.stages_read, **extra)
 
 
 def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
@@ -783,6 +795,35 @@ def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
     while (nk // seg + 1) * per_state > budget and seg < nk:
         seg *= 2
     return seg
+
+
+_FIT = {}  # (kernel, device, compile-time arguments) -> the pipelining depth that fit its shared memory
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), lowering meta["num_stages"] until the compiled kernel fits the device's
+    shared memory (Triton raises OutOfResources at the launch of a variant that does not, before it runs). The
+    depth is a speed choice, so a GPU with less shared memory than the one a default was chosen on (an A100's
+    163 KiB, or a float32 / D = 256 variant on an H100) gets a shallower pipeline instead of an error. What fit
+    is remembered per variant; `scripts/compile_poly.py` applies the same rule without a GPU."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    key = (kernel, str(device), tuple(sorted((k, str(v)) for k, v in meta.items())))
+    stages = _FIT.get(key, meta.get("num_stages", 3))
+    while True:
+        try:
+            kernel[grid](*args, **dict(meta, num_stages=stages))
+        except OutOfResources as err:
+            if "shared memory" not in str(err):
+                raise
+            if stages <= 1:
+                name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+                raise ValueError(f"poly Triton kernel {name} needs {err.required} B of shared memory even "
+                                 f"unpipelined; this GPU has {err.limit} B per block. Use a smaller chunk_size, "
+                                 "rows_per_block=1, 16-bit inputs, or kernel='torch'") from err
+            stages -= 1
+        else:
+            _FIT[key] = stages
+            return
 
 
 class PolyTritonFunction(torch.autograd.Function):
@@ -802,11 +843,11 @@ class PolyTritonFunction(torch.autograd.Function):
         st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=q.device)
         sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=q.device)
         if p.ns > 1:  # some query block reads a non-empty state
-            _state_fwd[(p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
+            _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
                 k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
-                p.base, rs, SEG=p.seg, BDV=p.bdv_state, **p.meta(),
+                p.base, rs, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
             )
-        _fwd[(triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd))](
+        _launch(_fwd, (triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
             q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), rs, int(band), c0, c1, c2,
@@ -837,12 +878,12 @@ class PolyTritonFunction(torch.autograd.Function):
                       HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct, num_stages=p.stages_direct)
         scalars = (float(scale), int(band), c0, c1, c2, float(softcap or 0.0))
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
-        _direct_bwd_q[(p.nq // chunk, p.b * p.h)](
+        _launch(_direct_bwd_q, (p.nq // chunk, p.b * p.h),
             q, k, v, valid, out, do, m, den, fa, fb, dd, dq, dk, dvv, *strides, p.nq, p.nk, p.h, p.g, *scalars,
             ATOMIC_KV=not key_major, **direct,
         )
         if key_major:
-            _direct_bwd_kv[(p.nk // chunk, p.b * p.hkv)](
+            _launch(_direct_bwd_kv, (p.nk // chunk, p.b * p.hkv),
                 q, k, v, valid, do, m, den, dd, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars,
                 BQ=min(32, chunk), **direct,
             )
@@ -850,7 +891,7 @@ class PolyTritonFunction(torch.autograd.Function):
             ta, tb = _tiles(p.d, tile, q.device)
             nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
             nt, nl, nr, base = p.geometry()
-            _far_bwd_dq[(nqb, p.b * p.h)](
+            _launch(_far_bwd_dq, (nqb, p.b * p.h),
                 q, do, fa, fb, st, sd, ta, tb, dq, *q.stride()[:3], *out.stride()[:3], *dq.stride()[:3],
                 p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, rs, c0, c1, c2,
                 LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
@@ -858,16 +899,16 @@ class PolyTritonFunction(torch.autograd.Function):
             n_u = p.b * p.hkv * (p.ns - 1) * nr
             u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
             ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
-            _state_bwd[(nt + nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state))](
+            _launch(_state_bwd, (nt + nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
                 q, do, fa, fb, ta, tb, u, ud, *q.stride()[:3], *out.stride()[:3],
                 p.nq, p.nk, p.hkv, p.ns, nt, nr, base, rs, c0, c1, c2,
-                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(),
+                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(sweep=True),
             )
-            _far_bwd_v[(nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read))](
+            _launch(_far_bwd_v, (nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read)),
                 k, valid, u, ta, tb, dvv, *k.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(),
             )
-            _far_bwd_k[(nkb, p.b * p.hkv)](
+            _launch(_far_bwd_k, (nkb, p.b * p.hkv),
                 k, v, valid, u, ud, ta, tb, dk, *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
                 p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
@@ -878,15 +919,26 @@ class PolyTritonFunction(torch.autograd.Function):
         return (dq, dk, dvv.to(v.dtype)) + (None,) * 11
 
 
+def default_rows(chunk: int, dtype: torch.dtype, d: int) -> int:
+    """Query chunks per readout program: READ_ROWS rows, within 1 .. 2 chunks; float32 at D > 64 takes 1 (its
+    2-chunk forward needs 264 KiB of shared memory even unpipelined)."""
+    if dtype == torch.float32 and d > 64:
+        return 1
+    return 2 if 2 * chunk <= READ_ROWS else 1
+
+
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=1):
+                          segment="auto", rows_per_block=None):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
     tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
     stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 8 GiB). Keys
     after a query's boundary state are computed directly, so larger segments trade state memory for direct
-    work. rows_per_block: query chunks per forward program, sharing one boundary state (1 or 2)."""
+    work. rows_per_block: query chunks per readout program, sharing each state slice it reads (1 or 2; None:
+    `default_rows`)."""
+    if rows_per_block is None:
+        rows_per_block = default_rows(chunk, q.dtype, max(q.shape[-1], v.shape[-1]))
     if tile not in (8, 16):
         raise ValueError(f"tile must be 8 or 16, got {tile}")
     if rows_per_block not in (1, 2):  # 4 (256-row blocks) needs more shared memory than an H100 has at D = 128
