@@ -4,10 +4,12 @@
     TRITON_INTERPRET=0 python scripts/compile_poly.py --head-dim 64 128 --arch 90
 
 One forward + backward of `poly_triton_attention` runs on small CPU tensors with every kernel launch captured
-(not run); each captured launch (its exact constexprs, dtypes, warps and stages) is then compiled to a cubin
-for sm_<arch> with Triton's own ptxas, and `ptxas -v` reads its registers and spills.
-Shared memory comes from the compiler. This catches what the interpreter cannot: constructs the compiler
-rejects, shared memory over the SM's limit (227 KiB on sm_90), register spills. Times are not measured.
+(not run); each captured launch is specialised by Triton's own argument binder (constexprs, dtypes, pointer
+alignment, integer divisibility, warps, stages: what a real launch compiles) and compiled to a cubin for
+sm_<arch> with Triton's own ptxas, lowering num_stages while it exceeds the SM's shared memory (the rule of
+`_launch`). `ptxas -v` reads registers and spills; the PTX says which loops were software-pipelined (cp.async)
+and whether the dots use wgmma. This catches what the interpreter cannot: constructs the compiler rejects,
+shared memory over the SM's limit (227 KiB on sm_90), spills, lost pipelining. Times are not measured.
 
     python scripts/compile_poly.py --memory 262144 1048576 --head-dim 64 128
 
