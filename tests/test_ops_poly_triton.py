@@ -68,11 +68,12 @@ def test_triton_tile16_matches_naive(b, h, hkv, nq, nk, d, band, softcap, pad):
 
 
 @interpreted
-@pytest.mark.parametrize("segment, rows, chunk", [(16, 1, 16), (64, 1, 16), (512, 2, 16), (128, 1, 64)])
+@pytest.mark.parametrize("segment, rows, chunk", [(16, 1, 16), (64, 1, 16), (512, 2, 16), (128, 1, 64),
+                                                   (128, 2, 64)])
 def test_triton_schedules_agree(segment, rows, chunk):
     """The segment length, rows per readout block and chunk are a schedule: the function must not change (512:
     no stored state at all, everything in the direct window; chunk 64: the key-major backward walks each query
-    chunk in two 32-row blocks)."""
+    chunk in two 32-row blocks; 64 x 2: the default readout blocks of 128 rows)."""
     (q, k, v), valid = _inputs(1, 2, 1, 290, 320, 16, True) if chunk == 64 else _inputs(1, 2, 1, 90, 120, 16, True)
     _compare(q, k, v, valid, 5, None, chunk, poly_coefficients(2), 1e-5, 1e-5, segment=segment, rows=rows)
 
@@ -184,14 +185,14 @@ def _has_nvidia_backend():
 
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="triton has no NVIDIA backend (ptxas) to compile with")
-@pytest.mark.parametrize("args", [
-    pytest.param(["--head-dim", "64", "128"], id="bf16-D64,128"),
-    pytest.param(["--head-dim", "128", "--dtype", "fp32"], id="fp32-D128"),
-    pytest.param(["--head-dim", "256", "--dtype", "bf16", "fp32", "--chunk", "32"], id="D256-chunk32"),
+@pytest.mark.parametrize("args, default", [
+    pytest.param(["--head-dim", "64", "128"], True, id="bf16-D64,128"),
+    pytest.param(["--head-dim", "128", "--dtype", "fp32"], False, id="fp32-D128"),
+    pytest.param(["--head-dim", "256", "--dtype", "bf16", "fp32", "--chunk", "32"], False, id="D256-chunk32"),
     pytest.param(["--head-dim", "96", "--dtype", "fp16", "--band", "100", "--softcap", "30", "--gqa", "4",
-                  "--rows", "2", "--tile", "8"], id="fp16-D96-softcap-GQA-rows2-tile8"),
+                  "--rows", "2", "--tile", "8"], False, id="fp16-D96-softcap-GQA-rows2-tile8"),
 ])
-def test_kernels_compile_for_sm90(args, tmp_path):
+def test_kernels_compile_for_sm90(args, default, tmp_path):
     """What the interpreter cannot check: every kernel launch of a forward + backward compiles for an H100
     (sm_90) with Triton's own ptxas, specialised as a real launch is, and fits its shared memory at the depth
     `_launch` would settle on. float32 at D = 128 did not fit at all until it got 1-stage readouts. At the
@@ -209,7 +210,7 @@ def test_kernels_compile_for_sm90(args, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
     assert {r["kernel"] for r in kernels} >= {"_state_fwd", "_fwd", "_direct_bwd_q", "_far_bwd_k"}
-    if len(args) == 3:  # the default bf16 schedule
+    if default:
         assert all(r["cp_async"] > 0 and r["wgmma"] > 0 and "stages_wanted" not in r for r in kernels), kernels
 
 
