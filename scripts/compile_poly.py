@@ -250,7 +250,8 @@ def main(argv=None):
               f"triton {triton.__version__}")
         cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib",
                 "cp_async", "wgmma")
-        print(" ".join(f"{c:>12}" for c in cols[:4]) + f" {'stages':>6}{'':7} " + " ".join(f"{c:>12}" for c in cols[5:]))
+        head = " ".join(f"{c:>12}" for c in cols[:4]) + f" {'stages':>6}{'':7} "
+        print(head + " ".join(f"{c:>12}" for c in cols[5:]))
         for r in report:
             cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:4])
             cells += f" {r['stages']:>6}" + (f" (of {r['stages_wanted']})" if "stages_wanted" in r else " " * 7)

@@ -813,7 +813,7 @@ def _launch(kernel, grid, *args, **meta):
         try:
             kernel[grid](*args, **dict(meta, num_stages=stages))
         except OutOfResources as err:
-            if "shared memory" not in str(err):
+            if err.name != "shared memory":
                 raise
             if stages <= 1:
                 name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
