@@ -4,7 +4,8 @@
     python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 bdv_state=128
 Variant keys: tile, rows, segment, and the `TUNING` knobs of hf_fastattn.ops.poly.triton (reshape, bdv_read,
 bdv_state, key_major, stages_read, stages_sweep; 0/1 for the switches). One line per variant: total CUDA ms and
-the share of every kernel.
+each kernel's ms with, in brackets, the TFLOP/s of its tensor-core work (`kernel_flops`; an H100 SXM peaks at
+~990 dense bf16).
 """
 
 import argparse
@@ -16,21 +17,35 @@ from hf_fastattn.ops.poly import triton as pt
 from hf_fastattn.ops.poly.features import poly_coefficients
 
 
+def kernel_flops(n, heads, d, chunk, tile, segment):
+    """Tensor-core FLOPs of each kernel (B = 1, K/V heads = heads): every far kernel is one [rows, R] x [R, D]
+    product over the rows past the first segment (R feature rows); the direct window (about segment / 2 + chunk
+    keys per query) is one [N, W] x [W, D] product per dot: 2 in the forward, 3 in the query pass (logits, dW,
+    dq), 4 in the key pass (logits, dW, dk, dv). Feature maps, denominators and VJPs are not counted."""
+    far = 2.0 * heads * max(n - segment, 0) * pt.feature_rows(d, tile)[2] * d
+    direct = 2.0 * heads * n * min(segment / 2 + chunk, n / 2) * d
+    return {"_state_fwd": far, "_fwd": far + 2 * direct, "_direct_bwd_q": 3 * direct, "_direct_bwd_kv": 4 * direct,
+            "_far_bwd_dq": far, "_state_bwd": far, "_far_bwd_v": far, "_far_bwd_k": far}
+
+
 def run_variant(spec: str, a) -> str:
     opts = dict(kv.split("=") for kv in spec.split(",") if kv)
     defaults = dict(pt.TUNING)
     for key in pt.TUNING:
         if key in opts:
             pt.TUNING[key] = int(opts[key])
+    tile = int(opts.get("tile", pt.BA))
     seg = opts.get("segment", "auto")
     seg = seg if seg == "auto" else int(seg)
+    tokens = pt.auto_segment(1, a.heads, a.n, a.head_dim, a.head_dim, a.chunk, tile, 2) if seg == "auto" else seg
+    flops = kernel_flops(a.n, a.heads, a.head_dim, a.chunk, tile, tokens)
     q, k, v = (torch.randn(1, a.heads, a.n, a.head_dim, device="cuda", dtype=torch.bfloat16) * a.head_dim**-0.25
                for _ in range(3))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def step():
         out = pt.poly_triton_attention(q, k, v, a.head_dim**-0.5, poly_coefficients(2), 0, a.chunk,
-                                       tile=int(opts.get("tile", 16)), segment=seg,
+                                       tile=tile, segment=seg,
                                        rows_per_block=int(opts["rows"]) if "rows" in opts else None)
         out.backward(torch.ones_like(out))
 
@@ -47,7 +62,9 @@ def run_variant(spec: str, a) -> str:
     times = {e.key: e.device_time_total / 1e3 for e in prof.key_averages()}
     total = sum(times.values())
     ours = sorted(((t, n) for n, t in times.items() if n.startswith("_")), reverse=True)
-    return f"{spec:<36} {total:8.1f} ms | " + " ".join(f"{n} {t:.1f}" for t, n in ours) + \
+    # per kernel: ms (TFLOP/s of its tensor-core work, `kernel_flops`)
+    return f"{spec:<36} {total:8.1f} ms | " + " ".join(
+        f"{n} {t:.1f}" + (f" ({flops[n] / t / 1e9:.0f})" if n in flops and t > 0 else "") for t, n in ours) + \
         f" | other {total - sum(t for t, _ in ours):.1f}"
 
 
@@ -61,7 +78,7 @@ def main():
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_poly.py needs a CUDA GPU")
-    print(f"n={a.n} H={a.heads} D={a.head_dim} bf16 fwd+bwd, CUDA ms per kernel", flush=True)
+    print(f"n={a.n} H={a.heads} D={a.head_dim} bf16 fwd+bwd, CUDA ms per kernel (TFLOP/s)", flush=True)
     for spec in a.variants:
         print(run_variant(spec, a), flush=True)
 
