@@ -43,6 +43,7 @@ from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # bytes per block (opt-in maximum)
 
+
 def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=None, device="cpu", mode=None):
     """Every kernel launch of one forward + backward, as (kernel, positional args, keyword args). The kernels do
     not run, so `device="meta"` works at any length; `mode` (a TorchDispatchMode) sees every torch op, and then

@@ -63,7 +63,7 @@ BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
 _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps (128 spills
-# ~0.8 KB in the key sweep at D = 128; 64 none), key_major: the direct window's dk / dv in a key-major pass
+# 1.4 KB in the key sweep at D = 128; 64 none), key_major: the direct window's dk / dv in a key-major pass
 # (stored) instead of atomic adds from the query pass, and the software-pipelining depth of the loops of the
 # readouts (feature blocks: the next [F, BDV] state slice loads while this one multiplies) and of the sweeps (the
 # next chunk's keys and values). With 1 stage no load is pipelined (`scripts/compile_poly.py` counts the
