@@ -278,13 +278,15 @@ def print_table(report) -> None:
     rows = [r for r in report["results"] if "ms" in r]
     print(f"\n{report['env']['device']} ({report['env']['device_type']}, {report['env']['cpu_threads']} threads), "
           f"config {report['config']}")
-    print(f"{'method':<22}{'mode':<8}{'n':>8}{'ms':>11}{'x sdpa':>8}{'peak MiB':>10}{'TFLOP/s':>9}")
+    w = max([22] + [len(r["method"]) + 2 for r in report["results"]])  # method specs can be long
+    print(f"{'method':<{w}}{'mode':<8}{'n':>8}{'ms':>11}{'x sdpa':>8}{'peak MiB':>10}{'TFLOP/s':>9}")
     for r in rows:
         ratio = f"{r['speedup_vs_sdpa']:.2f}" if "speedup_vs_sdpa" in r else "-"
-        print(f"{r['method']:<22}{r['mode']:<8}{r['n']:>8}{r['ms']:>11.1f}{ratio:>8}{r['peak_mb']:>10.0f}{r['tflops']:>9.3f}")
+        print(f"{r['method']:<{w}}{r['mode']:<8}{r['n']:>8}{r['ms']:>11.1f}{ratio:>8}{r['peak_mb']:>10.0f}"
+              f"{r['tflops']:>9.3f}")
     for r in report["results"]:
         if "ms" not in r:
-            print(f"{r['method']:<22}{r['mode']:<8}{r['n']:>8}  {r.get('skipped') or r.get('error')}")
+            print(f"{r['method']:<{w}}{r['mode']:<8}{r['n']:>8}  {r.get('skipped') or r.get('error')}")
     print("scaling exponents (fit over the longest lengths):",
           json.dumps({m: {k: round(v, 3) for k, v in e.items()} for m, e in report["exponents"].items()}))
 
