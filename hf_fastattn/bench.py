@@ -23,6 +23,14 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRITON_KNOBS = {"tile", "seg", "rows"}  # poly spec keys that call the Triton kernels' schedule directly
+
+
+def segmented_terms(n: int, d: int, r: int, chunk: int, band: int, segment: int) -> tuple[float, float]:
+    """Cost model of the segmented Triton schedule, per head: (FLOPs of one [r, N] x [N, D] state product, built
+    or read out, mean keys per query computed directly: half a segment, the band's chunks and half a chunk)."""
+    lag = math.ceil(band / chunk) if band else 0
+    return 2.0 * r * d * n, min(n / 2, segment / 2 + lag * chunk + chunk / 2)
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -50,7 +58,7 @@ def _method_fn(name: str, args):
         band = int(extra.get("band", args.band))
         chunk = int(extra.get("chunk", args.chunk))
         kernel = extra.get("kernel", args.kernel)
-        if {"tile", "seg", "rows"} & extra.keys():  # the Triton kernels' schedule knobs, for the benchmark only
+        if TRITON_KNOBS & extra.keys():  # the Triton kernels' schedule knobs, for the benchmark only
             from .ops.poly.features import poly_coefficients
             from .ops.poly.triton import BA, poly_triton_attention
 
@@ -85,7 +93,7 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
         r, g = FeatureMap.get(d, degree).r, h // hkv
         kernel = extra.get("kernel", args.kernel)
         auto = kernel == "auto" and auto_uses_triton(args.device.startswith("cuda"), degree, d, DTYPES[args.dtype])
-        if {"tile", "seg", "rows"} & extra.keys() or kernel == "triton" or auto:
+        if TRITON_KNOBS & extra.keys() or kernel == "triton" or auto:
             # segmented schedule: states at segment boundaries, the rest of the window direct
             from .ops.poly.triton import BA, auto_segment
 
@@ -95,9 +103,7 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
             else:
                 item = 4 if args.dtype == "fp32" else 2
                 seg = auto_segment(b, hkv, n, d, d, tc, int(extra.get("tile", BA)), item)
-            lag = math.ceil(band / tc) if band else 0
-            window = min(n / 2, seg / 2 + lag * tc + tc / 2)  # mean keys computed directly per query
-            state = 2.0 * r * d * n  # one [r, N] x [N, D] product (build or readout), per head
+            state, window = segmented_terms(n, d, r, tc, band, seg)
             fwd = b * (hkv + h) * state + b * h * n * window * 4 * d
             bwd = b * (2 * hkv + 2 * h) * state + b * h * n * window * 10 * d
             return fwd if mode == "fwd" else fwd + bwd

@@ -13,17 +13,19 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from hf_fastattn.bench import segmented_terms
 from hf_fastattn.ops.poly import triton as pt
-from hf_fastattn.ops.poly.features import poly_coefficients
+from hf_fastattn.ops.poly.features import FeatureMap, poly_coefficients
 
 
-def kernel_flops(n, heads, d, chunk, tile, segment):
-    """Tensor-core FLOPs of each kernel (B = 1, K/V heads = heads): every far kernel is one [rows, R] x [R, D]
-    product over the rows past the first segment (R feature rows); the direct window (about segment / 2 + chunk
-    keys per query) is one [N, W] x [W, D] product per dot: 2 in the forward, 3 in the query pass (logits, dW,
-    dq), 4 in the key pass (logits, dW, dk, dv). Feature maps, denominators and VJPs are not counted."""
-    far = 2.0 * heads * max(n - segment, 0) * pt.feature_rows(d, tile)[2] * d
-    direct = 2.0 * heads * n * min(segment / 2 + chunk, n / 2) * d
+def kernel_flops(n, heads, d, chunk, segment):
+    """Tensor-core FLOPs of each kernel (B = 1, K/V heads = heads), on the benchmark's cost model
+    (`hf_fastattn.bench.segmented_terms`): every far kernel is one state product per head; the direct window is
+    one [N, W] x [W, D] product per dot: 2 in the forward, 3 in the query pass (logits, dW, dq), 4 in the key pass
+    (logits, dW, dk, dv; the benchmark's fwd+bwd count has 5 backward dots, not the 7 that run). Feature maps,
+    denominators and VJPs are not counted."""
+    state, window = segmented_terms(n, d, FeatureMap.get(d, 2).r, chunk, 0, segment)
+    far, direct = heads * state, 2.0 * heads * n * window * d
     return {"_state_fwd": far, "_fwd": far + 2 * direct, "_direct_bwd_q": 3 * direct, "_direct_bwd_kv": 4 * direct,
             "_far_bwd_dq": far, "_state_bwd": far, "_far_bwd_v": far, "_far_bwd_k": far}
 
@@ -38,7 +40,7 @@ def run_variant(spec: str, a) -> str:
     seg = opts.get("segment", "auto")
     seg = seg if seg == "auto" else int(seg)
     tokens = pt.auto_segment(1, a.heads, a.n, a.head_dim, a.head_dim, a.chunk, tile, 2) if seg == "auto" else seg
-    flops = kernel_flops(a.n, a.heads, a.head_dim, a.chunk, tile, tokens)
+    flops = kernel_flops(a.n, a.heads, a.head_dim, a.chunk, tokens)
     q, k, v = (torch.randn(1, a.heads, a.n, a.head_dim, device="cuda", dtype=torch.bfloat16) * a.head_dim**-0.25
                for _ in range(3))
     q, k, v = (t.requires_grad_() for t in (q, k, v))

@@ -816,10 +816,9 @@ def _launch(kernel, grid, *args, **meta):
             if err.name != "shared memory":
                 raise
             if stages <= 1:
-                name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
-                raise ValueError(f"poly Triton kernel {name} needs {err.required} B of shared memory even "
-                                 f"unpipelined; this GPU has {err.limit} B per block. Use a smaller chunk_size, "
-                                 "rows_per_block=1, 16-bit inputs, or kernel='torch'") from err
+                raise ValueError(f"poly Triton kernel {getattr(kernel, '__name__', kernel)} needs {err.required} B of "
+                                 f"shared memory even unpipelined; this GPU has {err.limit} B per block. Use a "
+                                 "smaller chunk_size, rows_per_block=1, 16-bit inputs, or kernel='torch'") from err
             stages -= 1
         else:
             _FIT[key] = stages
@@ -854,14 +853,14 @@ class PolyTritonFunction(torch.autograd.Function):
             float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
             HAS_SOFTCAP=softcap is not None, **p.meta(),
         )
-        ctx.save_for_backward(q, k, v, valid, out, m, den, st, sd)
+        ctx.save_for_backward(q, k, v, valid, out, m, den, st, sd, ta, tb)
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
         return out
 
     @staticmethod
     def backward(ctx, do):
         count("poly_triton.backward")
-        q, k, v, valid, out, m, den, st, sd = ctx.saved_tensors
+        q, k, v, valid, out, m, den, st, sd, ta, tb = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
@@ -888,7 +887,6 @@ class PolyTritonFunction(torch.autograd.Function):
                 BQ=min(32, chunk), **direct,
             )
         if p.ns > 1:
-            ta, tb = _tiles(p.d, tile, q.device)
             nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
             nt, nl, nr, base = p.geometry()
             _launch(_far_bwd_dq, (nqb, p.b * p.h),
