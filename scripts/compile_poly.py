@@ -7,9 +7,11 @@ One forward + backward of `poly_triton_attention` runs on small CPU tensors with
 (not run); each captured launch is specialised by Triton's own argument binder (constexprs, dtypes, pointer
 alignment, integer divisibility, warps, stages: what a real launch compiles) and compiled to a cubin for
 sm_<arch> with Triton's own ptxas, lowering num_stages while it exceeds the SM's shared memory (the rule of
-`_launch`). `ptxas -v` reads registers and spills; the PTX says which loops were software-pipelined (cp.async)
-and whether the dots use wgmma. This catches what the interpreter cannot: constructs the compiler rejects,
-shared memory over the SM's limit (227 KiB on sm_90), spills, lost pipelining. Times are not measured.
+`_launch`). `ptxas -v` reads registers and spills, and says when it had to serialise the kernel's wgmma (C7515:
+every tensor-core MMA waited for as soon as it is issued); the PTX says which loops were software-pipelined
+(cp.async) and whether the dots use wgmma. This catches what the interpreter cannot: constructs the compiler
+rejects, shared memory over the SM's limit (227 KiB on sm_90), spills, lost pipelining, serialised MMAs. Times
+are not measured.
 
     python scripts/compile_poly.py --memory 262144 1048576 --head-dim 64 128
 
@@ -140,6 +142,9 @@ def _resources(ptx: str, arch: int) -> dict:
     spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack, stores, loads = (int(x) for x in spill.groups()) if spill else (0, 0, 0)
     return {"regs": int(regs.group(1)) if regs else -1, "stack": stack, "spill_stores": stores, "spill_loads": loads,
+            # ptxas's C7515: it found a non-wgmma write to an accumulator register while a wgmma may be in flight,
+            # and so waits for every wgmma of the kernel as soon as it is issued (no MMA overlaps anything)
+            "wgmma_serialized": "C7515" in text,
             # asynchronous copies exist only where a loop's loads were software-pipelined (num_stages > 1 and
             # aligned, vectorisable addresses); wgmma is Hopper's asynchronous tensor-core MMA, mma.sync the older
             # synchronous one (or none: float32 "ieee" dots run on the FMA units)
@@ -250,14 +255,15 @@ def main(argv=None):
         print(f"sm_{a.arch}, tile {a.tile}, rows {a.rows or 'default'}, chunk {a.chunk}, {pt.TUNING}, "
               f"triton {triton.__version__}")
         cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib",
-                "cp_async", "wgmma")
+                "cp_async", "wgmma", "wgmma_serialized")
         head = " ".join(f"{c:>12}" for c in cols[:4]) + f" {'stages':>6}{'':7} "
         print(head + " ".join(f"{c:>12}" for c in cols[5:]))
         for r in report:
             cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:4])
             cells += f" {r['stages']:>6}" + (f" (of {r['stages_wanted']})" if "stages_wanted" in r else " " * 7)
             if "regs" in r:
-                cells += " " + " ".join(f"{r[c]:>12}" for c in cols[5:])
+                cells += " " + " ".join(f"{'yes' if r[c] is True else 'no' if r[c] is False else r[c]:>12}"
+                                        for c in cols[5:])
             print(cells + (f"  FAILED: {r['error']}" if "error" in r else ""))
     return 1 if any("error" in r for r in report) else 0
 

@@ -197,7 +197,9 @@ def test_kernels_compile_for_sm90(args, default, tmp_path):
     (sm_90) with Triton's own ptxas, specialised as a real launch is, and fits its shared memory at the depth
     `_launch` would settle on. float32 at D = 128 did not fit at all until it got 1-stage readouts. At the
     default bf16 schedule every loop that loads must be software-pipelined (cp.async copies in the PTX): with
-    num_stages=1 the readouts waited on every state slice they read."""
+    num_stages=1 the readouts waited on every state slice they read; and no kernel may have its wgmma
+    serialised by ptxas (C7515): `_fwd`'s readout behind an `if`, and the direct backward passes' zero
+    accumulators, made every tensor-core MMA wait for itself."""
     import json
     import subprocess
     import sys
@@ -212,6 +214,7 @@ def test_kernels_compile_for_sm90(args, default, tmp_path):
     assert {r["kernel"] for r in kernels} >= {"_state_fwd", "_fwd", "_direct_bwd_q", "_far_bwd_k"}
     if default:
         assert all(r["cp_async"] > 0 and r["wgmma"] > 0 and "stages_wanted" not in r for r in kernels), kernels
+        assert not [r["kernel"] for r in kernels if r["wgmma_serialized"]], kernels
 
 
 def test_peak_memory_at_1m_tokens_fits_an_h100():

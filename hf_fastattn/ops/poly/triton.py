@@ -229,7 +229,11 @@ def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.cons
     """A tile's phi(x_r) . SD per row ([rows]), as the quadratic form xa_r^T SD xb_r of its [BA, BA] matrix."""
     sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
     xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
-    return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * _coords(X, p_rows, b0, m_r, rs, D, BA_), 1)
+    xb = _coords(X, p_rows, b0, m_r, rs, D, BA_)
+    if BA_ < 16:  # Triton < 3.9 rejects dots with K < 16; BA^2 = 64 products per row are cheap without one
+        return tl.sum(tl.sum(xa[:, :, None] * sdm[None, :, :], 1) * xb, 1)
+    else:
+        return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * xb, 1)
 
 
 @triton.jit
@@ -381,16 +385,18 @@ def _fwd(
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_acc = tl.zeros([R * BT, BDV], tl.float32)
     b_den = tl.zeros([R * BT], tl.float32)
-    if s > 0:  # far keys in the boundary state, scaled by e^{-m} like the direct far weights
-        for t in range(0, NT):
-            b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, rs,
-                                       c0, c1, c2, D, DV, BA_, BA_ * BA_, DT, False, RESHAPE)
-        for t in range(0, NL):
-            b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs,
-                                       c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
-        em = tl.exp(-b_m)
-        b_acc *= em[:, None]
-        b_den *= em
+    # far keys in the boundary state (none before the first boundary), scaled by e^{-m} like the direct far
+    # weights. Skipped by trip count, not by an `if`: the branch's zero accumulator made ptxas serialise every
+    # wgmma of the kernel (C7515, `scripts/compile_poly.py` reports it)
+    for t in range(0, tl.where(s > 0, NT, 0)):
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, rs,
+                                   c0, c1, c2, D, DV, BA_, BA_ * BA_, DT, False, RESHAPE)
+    for t in range(0, tl.where(s > 0, NL, 0)):
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs,
+                                   c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
+    em = tl.exp(-b_m)
+    b_acc *= em[:, None]
+    b_den *= em
     p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
     for kb in range(s * SEG, kc1):  # the keys after the boundary, directly
         o_k = kb * BT + o_t
@@ -411,6 +417,14 @@ def _fwd(
 
 
 # ----------------------------------------------------------------------------------------- backward
+@triton.jit
+def _mma_zeros(M: tl.constexpr, N: tl.constexpr, DT: tl.constexpr):
+    """A zero [M, N] float32 accumulator made by a (tiny) tensor-core dot, for loops that may run zero times: with
+    `tl.zeros` the zero-trip path writes the accumulator's registers with plain moves, and ptxas then serialises
+    every wgmma of the kernel (C7515, reported by `scripts/compile_poly.py`)."""
+    return tl.dot(tl.zeros([M, 16], DT), tl.zeros([16, N], DT))
+
+
 @triton.jit
 def _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
                  HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr):
@@ -461,7 +475,7 @@ def _direct_bwd_q(
     tl.store(FA + i_bh * NQ + rows, em * rden)
     tl.store(FB + i_bh * NQ + rows, em * b_dd)
     b_dn = (b_do * rden[:, None]).to(DT)
-    b_dq = tl.zeros([BT, BD], tl.float32)
+    b_dq = _mma_zeros(BT, BD, DT)
     k_off = i_b * s_kb + i_hk * s_kh + o_d[None, :]
     v_off = i_b * s_vb + i_hk * s_vh + o_dv[None, :]
     for kb in range(_state_of(kc, C0, LAG, SEG, R) * SEG, kc + 1):
@@ -504,8 +518,8 @@ def _direct_bwd_kv(
     m_k = tl.load(VALID + i_b * NK + o_k) > 0
     lo = tl.maximum(i_j, C0)
     hi = tl.minimum(_first_reader(i_j // SEG + 1, C0, LAG, SEG, R), NK // BT)  # first chunk past i_j's state
-    b_dk = tl.zeros([BT, BD], tl.float32)
-    b_dv = tl.zeros([BT, BDV], tl.float32)
+    b_dk = _mma_zeros(BT, BD, DT)
+    b_dv = _mma_zeros(BT, BDV, DT)
     for g in range(0, G):
         i_h = i_hk * G + g
         r_off = (i_b * HKV * G + i_h) * NQ  # the [B, H, NQ] row buffers
@@ -521,8 +535,8 @@ def _direct_bwd_kv(
             xt = tl.dot(b_k, tl.trans(b_q)) * scale
             wt, dwdx = _direct_weights(xt, o_s, o_k, m_k, tl.load(M + r_off + rows), band, c0, c1, c2,
                                        softcap, HAS_SOFTCAP, True)
-            dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(DD + r_off + rows)[None, :]
             b_dv += tl.dot(wt.to(DT), b_dn)
+            dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(DD + r_off + rows)[None, :]
             b_dk += tl.dot((dwdx * dwt * scale).to(DT), b_q.to(DT))
     tl.store(DK + k_off, b_dk, mask=o_d[None, :] < D)
     tl.store(DV_ + v_off, b_dv, mask=o_dv[None, :] < DV)
