@@ -152,6 +152,57 @@ def _resources(ptx: str, arch: int) -> dict:
             "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync\.", ptx))}
 
 
+# dense tensor-core FLOPs per SM per clock on sm_90 (989 TFLOP/s bf16 = 132 SMs x 1.83 GHz x 4096)
+MMA_RATE = {"BF16": 4096, "F16": 4096, "TF32": 2048, "E4M3": 8192, "E5M2": 8192}
+
+
+def hot_loop(sass: str, warps: int) -> dict:
+    """A static issue model of a kernel's busiest loop, read off its SASS (`cuobjdump -sass`): the innermost loop
+    with the most tensor-core work per iteration. Per iteration: instructions per warp, MMA FLOPs of the CTA
+    (every warpgroup runs each HGMMA of the loop), and the clocks both take on one SM: its 4 schedulers issue one
+    warp instruction each per clock, and the MMAs run at the dense rate of `MMA_RATE`. `mma_bound` = MMA clocks /
+    max(MMA, issue clocks) is the most of the tensor-core peak the loop can reach with one CTA per SM, before
+    latencies, barriers and branches skipped inside it: a model of the code, not a measurement."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in ins:
+        jump = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < addr:
+            loops.append((int(jump.group(1), 16), addr))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    best = None
+    for a, b in inner:
+        body = [t for addr, t in ins if a <= addr <= b]
+        flops = 0
+        for m, n, k, kind in re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(\w+)", " ".join(body)):
+            flops += 2 * int(m) * int(n) * int(k) * (warps // 4) / MMA_RATE.get(kind, 4096)  # in clocks
+        if best is None or flops > best[0]:
+            best = (flops, body)
+    if not best or not best[0]:
+        return {}
+    mma_clk, body = best
+    issue_clk = len(body) * warps / 4
+
+    def count(pattern):
+        return sum(1 for t in body if re.search(pattern, t))
+
+    return {"loop_insts": len(body), "loop_mma_clk": round(mma_clk), "loop_issue_clk": round(issue_clk),
+            "mma_bound": round(100 * mma_clk / max(mma_clk, issue_clk)), "loop_bar": count(r"\bBAR\.SYNC"),
+            "loop_fp32": count(r"\b(FFMA|FMUL|FADD)\b"), "loop_red": count(r"\b(RED|ATOM)\w*\.")}
+
+
+def _sass(cubin: bytes, arch: int) -> str:
+    """The SASS of a cubin, by the cuobjdump that ships beside Triton's ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        tool = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+
+
 def _compile(fn, args, kwargs, target, arch):
     """One launch compiled as `hf_fastattn.ops.poly.triton._launch` would run it: at its num_stages, then
     shallower while the kernel exceeds the shared memory of sm_<arch>. A report row."""
@@ -165,6 +216,7 @@ def _compile(fn, args, kwargs, target, arch):
         except Exception as err:  # the report says which kernel and why; the exit code says it failed
             return dict(row, error=f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
         row.update(shared_kib=round(compiled.metadata.shared / 1024, 1), **_resources(compiled.asm["ptx"], arch),
+                   **hot_loop(_sass(compiled.asm["cubin"], arch), row["warps"]),
                    compile_s=round(time.perf_counter() - t0, 1))
         if compiled.metadata.shared <= SHARED_LIMIT.get(arch, compiled.metadata.shared):
             return dict(row, stages_wanted=wanted) if stages < wanted else row
