@@ -3,14 +3,15 @@
 
 Same function as `chunk.py`, scheduled for tensor cores:
 
-* Feature blocks. With x~ = sqrt(s) x (the scale folded into both sides, in registers),
-  P(s q.k) = c2 (q~.k~)^2 + c1 q~.k~ + c0 = sum over features phi_q(q) phi_k(k). Two kinds of blocks:
-  quadratic tiles (A, B), A <= B, of BA x BA coordinates, F = BA^2 features x~_a x~_b (weight c2, or 2 c2
-  off the diagonal: the symmetric half), built as the register outer product of two [rows, BA] loads; and
-  linear blocks of BL = 16 coordinates of [x~, 1], F = 16 features (weight c1, and c0 on the constant
+* Feature blocks. P(s q.k) = c2 s^2 (q.k)^2 + c1 s q.k + c0 = sum over features phi_q(q) phi_k(k), features
+  of the unscaled q and k with the weights (scale included) on the query side only. Two kinds of blocks:
+  quadratic tiles (A, B), A <= B, of BA x BA coordinates, F = BA^2 features x_a x_b (weight c2 s^2, or twice
+  that off the diagonal: the symmetric half), built as the register outer product of two [rows, BA] loads;
+  and linear blocks of BL = 16 coordinates of [x, 1], F = 16 features (weight c1 s, and c0 on the constant
   coordinate D). So D = 128 has 36 tiles + 9 linear blocks (9360 feature rows), with no padding of the
-  quadratic part; features are never written to HBM. The VJPs fold a block's gradient back onto its
-  coordinates and add it with atomics (blocks share coordinates).
+  quadratic part; features are never written to HBM. Invalid (padding) keys enter as zero rows, so only the
+  constant feature needs their mask. The VJPs fold a block's gradient back onto its coordinates and add it
+  with atomics (blocks share coordinates).
 * Segments instead of a per-chunk state. The prefix state S = sum_j phi_k(k_j) v_j^T is stored only at
   segment boundaries (every SEG chunks; `segment` tokens). A block of R query chunks reads the state of its
   boundary and computes every later key directly (band keys exact, the rest P(x)), like a sliding-window
@@ -134,102 +135,102 @@ def _block(TA, TB, t, state, NR, BASE, BA_: tl.constexpr, F: tl.constexpr, LIN: 
 
 
 @triton.jit
-def _coef(a0, b0, c0, c1, c2, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
-    """A block's feature weights (query side): c2, 2 c2 off the diagonal (both orders of a coordinate pair);
-    linear blocks c1, and c0 on the constant coordinate D ([1, BL])."""
+def _coef(a0, b0, c0, c1, c2, scale, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+    """A block's feature weights (query side), the logit scale s included (features are of the unscaled q, k):
+    c2 s^2, 2 c2 s^2 off the diagonal (both orders of a coordinate pair); linear blocks c1 s, and c0 on the
+    constant coordinate D ([1, BL])."""
     if LIN:
-        return tl.where(tl.arange(0, BA_) + a0 == D, c0, c1)[None, :]
+        return tl.where(tl.arange(0, BA_) + a0 == D, c0, c1 * scale)[None, :]
     else:
-        return tl.where(a0 == b0, c2, 2.0 * c2)
+        return tl.where(a0 == b0, c2, 2.0 * c2) * (scale * scale)
 
 
 @triton.jit
-def _coords(X, p_rows, a0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr):
-    """Coordinates a0 .. a0 + BA of x~ = rs x for a block of rows, [rows, BA] float32 (0 beyond D).
+def _coords(X, p_rows, a0, m_r, D: tl.constexpr, BA_: tl.constexpr):
+    """Coordinates a0 .. a0 + BA of x for a block of rows, [rows, BA] float32 (0 beyond D).
     p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
     o_a = tl.arange(0, BA_) + a0  # tensor first: a0 can be a constexpr (linear blocks, interpreter)
-    return tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32) * rs
+    return tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _factors(X, p_rows, a0, b0, m_r, rs, D: tl.constexpr, BA_: tl.constexpr):
-    """The two gathered factors x~_{a0 + f // BA}, x~_{b0 + f % BA} of a tile's features, [rows, F] each."""
+def _factors(X, p_rows, a0, b0, m_r, D: tl.constexpr, BA_: tl.constexpr):
+    """The two gathered factors x_{a0 + f // BA}, x_{b0 + f % BA} of a tile's features, [rows, F] each."""
     o_f = tl.arange(0, BA_ * BA_)
     o_a, o_b = a0 + o_f // BA_, b0 + o_f % BA_
     xa = tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32)
     xb = tl.load(X + p_rows + o_b[None, :], mask=m_r & (o_b[None, :] < D), other=0.0).to(tl.float32)
-    return xa * rs, xb * rs
+    return xa, xb
 
 
 @triton.jit
-def _phi(X, p_rows, a0, b0, m_r, rs, wa, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr,
+def _phi(X, p_rows, a0, b0, m_r, wa, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr,
          RESHAPE: tl.constexpr):
-    """Features of a block of rows times wa, [rows, F] float32. Linear: [x~, 1] (1 on coordinate D of valid
-    rows). Quadratic: the outer product of two [rows, BA] loads flattened in registers (RESHAPE), or the
+    """Features of a block of rows times wa, [rows, F] float32. Linear: [x, 1] (1 on coordinate D of rows in
+    m_r). Quadratic: the outer product of two [rows, BA] loads flattened in registers (RESHAPE), or the
     product of the two gathered [rows, F] factors. wa (a scalar, [rows, 1] or, linear, [1, BL]: feature weights,
     row validity) multiplies the first factor: BA values per row instead of BA^2 features."""
     if LIN:
         o_a = tl.arange(0, BA_) + a0
-        return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, rs, D, BA_)) * wa
+        return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, D, BA_)) * wa
     elif RESHAPE:
-        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_) * wa
-        xb = _coords(X, p_rows, b0, m_r, rs, D, BA_)
+        xa = _coords(X, p_rows, a0, m_r, D, BA_) * wa
+        xb = _coords(X, p_rows, b0, m_r, D, BA_)
         return tl.reshape(xa[:, :, None] * xb[:, None, :], (p_rows.shape[0], BA_ * BA_))
     else:
-        xa, xb = _factors(X, p_rows, a0, b0, m_r, rs, D, BA_)
+        xa, xb = _factors(X, p_rows, a0, b0, m_r, D, BA_)
         return (xa * wa) * xb
 
 
 @triton.jit
-def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, rs, wg, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
+def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, wg, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
                  DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
-    """Add d/dx of sum(wg g * phi(X rows)) to the same rows of G_ (gradients w.r.t. the unscaled inputs; the
-    constant coordinate and the padding beyond D are dropped). wg (feature weights, row validity: a scalar,
+    """Add d/dx of sum(wg g * phi(X rows)) to the same rows of G_ (the constant coordinate and the padding beyond
+    D are dropped). wg (feature weights, row validity: a scalar,
     [rows, 1] or, linear, [1, BL]) scales the [rows, BA] coordinate gradients, not the [rows, F] g. Quadratic,
     RESHAPE: g viewed as [rows, BA, BA] and summed against the partner block; else products with 0/1 selector
     matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width) of the gathered factors."""
     o_a = tl.arange(0, BA_)
-    rs_g = rs * wg
     if LIN:
-        tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * rs_g, mask=m_r & ((o_a + a0)[None, :] < D))
+        tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * wg, mask=m_r & ((o_a + a0)[None, :] < D))
     elif RESHAPE:
-        xa = _coords(X, p_x, a0, m_r, rs, D, BA_)
-        xb = _coords(X, p_x, b0, m_r, rs, D, BA_)
+        xa = _coords(X, p_x, a0, m_r, D, BA_)
+        xb = _coords(X, p_x, b0, m_r, D, BA_)
         g3 = tl.reshape(g, (p_x.shape[0], BA_, BA_))
-        da = tl.sum(g3 * xb[:, None, :], 2) * rs_g  # [rows, BA]
-        db = tl.sum(g3 * xa[:, :, None], 1) * rs_g
+        da = tl.sum(g3 * xb[:, None, :], 2) * wg  # [rows, BA]
+        db = tl.sum(g3 * xa[:, :, None], 1) * wg
         tl.atomic_add(G_ + p_g + (a0 + o_a)[None, :], da, mask=m_r & ((a0 + o_a)[None, :] < D))
         tl.atomic_add(G_ + p_g + (b0 + o_a)[None, :], db, mask=m_r & ((b0 + o_a)[None, :] < D))
     else:
-        xa, xb = _factors(X, p_x, a0, b0, m_r, rs, D, BA_)
+        xa, xb = _factors(X, p_x, a0, b0, m_r, D, BA_)
         o_f, o_s = tl.arange(0, BA_ * BA_), tl.arange(0, BS)
         sel_a = ((o_f[:, None] // BA_) == o_s[None, :]).to(DT)
         sel_b = ((o_f[:, None] % BA_) == o_s[None, :]).to(DT)
-        da = tl.dot((g * xb).to(DT), sel_a) * rs_g  # [rows, BS]
-        db = tl.dot((g * xa).to(DT), sel_b) * rs_g
+        da = tl.dot((g * xb).to(DT), sel_a) * wg  # [rows, BS]
+        db = tl.dot((g * xa).to(DT), sel_b) * wg
         ok = o_s[None, :] < BA_
         tl.atomic_add(G_ + p_g + (a0 + o_s)[None, :], da, mask=m_r & ok & ((a0 + o_s)[None, :] < D))
         tl.atomic_add(G_ + p_g + (b0 + o_s)[None, :], db, mask=m_r & ok & ((b0 + o_s)[None, :] < D))
 
 
 @triton.jit
-def _den_sum(X, p_rows, a0, b0, m_r, w, coef, rs, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+def _den_sum(X, p_rows, a0, b0, m_r, w, coef, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
     """sum_r w_r coef phi(x_r), the denominator column of a state: [F] for linear blocks; for tiles the
     [BA, BA] matrix coef sum_r w_r xa_r xb_r^T (feature order when flattened): one small float32 dot, so no
     [rows, F] float32 feature block lives next to the bf16 one (it made the sweeps spill)."""
     if LIN:
-        return tl.sum(_phi(X, p_rows, a0, b0, m_r, rs, coef * w[:, None], D, BA_, True, True), 0)
+        return tl.sum(_phi(X, p_rows, a0, b0, m_r, coef * w[:, None], D, BA_, True, True), 0)
     else:
-        xa = _coords(X, p_rows, a0, m_r, rs, D, BA_) * w[:, None]
-        return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, rs, D, BA_), input_precision="ieee") * coef
+        xa = _coords(X, p_rows, a0, m_r, D, BA_) * w[:, None]
+        return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, D, BA_), input_precision="ieee") * coef
 
 
 @triton.jit
-def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, rs, D: tl.constexpr, BA_: tl.constexpr):
+def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, D: tl.constexpr, BA_: tl.constexpr):
     """A tile's phi(x_r) . SD per row ([rows]), as the quadratic form xa_r^T SD xb_r of its [BA, BA] matrix."""
     sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
-    xa = _coords(X, p_rows, a0, m_r, rs, D, BA_)
-    xb = _coords(X, p_rows, b0, m_r, rs, D, BA_)
+    xa = _coords(X, p_rows, a0, m_r, D, BA_)
+    xb = _coords(X, p_rows, b0, m_r, D, BA_)
     if BA_ < 16:  # Triton < 3.9 rejects dots with K < 16; BA^2 = 64 products per row are cheap without one
         return tl.sum(tl.sum(xa[:, :, None] * sdm[None, :, :], 1) * xb, 1)
     else:
@@ -277,7 +278,7 @@ def _key_block(i_j, i_b, VALID, NK, R: tl.constexpr, BT: tl.constexpr):
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                NK, NS, NR, BASE, rs, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                NK, NS, NR, BASE, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                 BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr,
                 RESHAPE: tl.constexpr):
     """Block t's key sweep (see `_state_fwd`)."""
@@ -294,21 +295,24 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
         if s < NS - 1:
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
-                valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
+                if LIN:  # invalid keys are zero rows: the constant feature is the only one they need masked
+                    valid = (tl.load(VALID + i_b * NK + o_k) > 0).to(tl.float32)
+                else:
+                    valid = tl.full([BT], 1.0, tl.float32)
                 p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
                 m_t = o_t[:, None] < BT
-                fk = _phi(K, p_k, a0, b0, m_t, rs, valid[:, None], D, BA_, LIN, RESHAPE)
+                fk = _phi(K, p_k, a0, b0, m_t, valid[:, None], D, BA_, LIN, RESHAPE)
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
                 if i_e == 0:
-                    b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, rs, D, BA_, LIN)
+                    b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, D, BA_, LIN)
 
 
 @triton.jit
 def _state_fwd(
     K, V, VALID, TA, TB, S, SD,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    NK, HKV, NS, NT, NR, BASE, rs,
+    NK, HKV, NS, NT, NR, BASE,
     SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
     DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -320,26 +324,26 @@ def _state_fwd(
     # (no tuple unpacking in jit code: the two calls spell out their arguments)
     if i_t < NT:
         _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    NK, NS, NR, 0, rs, SEG, D, DV, BT, BDV, BA_, BA_ * BA_, DT, False, RESHAPE)
+                    NK, NS, NR, 0, SEG, D, DV, BT, BDV, BA_, BA_ * BA_, DT, False, RESHAPE)
     else:
         _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t - NT, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    NK, NS, NR, BASE, rs, SEG, D, DV, BT, BDV, _BL, _BL, DT, True, RESHAPE)
+                    NK, NS, NR, BASE, SEG, D, DV, BT, BDV, _BL, _BL, DT, True, RESHAPE)
 
 
 @triton.jit
-def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs, c0, c1, c2,
+def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, scale, c0, c1, c2,
                 D: tl.constexpr, DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
                 LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    coef = _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
-    fq = _phi(X, p_x, a0, b0, m_r, rs, coef, D, BA_, LIN, RESHAPE)
+    coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
+    fq = _phi(X, p_x, a0, b0, m_r, coef, D, BA_, LIN, RESHAPE)
     b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     acc += tl.dot(fq.to(DT), b_s.to(DT))
     if LIN:
         den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
     else:
-        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, rs, D, BA_) * coef
+        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, D, BA_) * coef
     return acc, den
 
 
@@ -347,7 +351,7 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
 def _fwd(
     Q, K, V, VALID, BOUND, HASFAR, S, SD, TA, TB, O, M, DEN,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    NQ, NK, H, G, NS, NT, NL, NR, BASE, scale, rs, band, c0, c1, c2, softcap,
+    NQ, NK, H, G, NS, NT, NL, NR, BASE, scale, band, c0, c1, c2, softcap,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
     RESHAPE: tl.constexpr,
@@ -389,10 +393,10 @@ def _fwd(
     # weights. Skipped by trip count, not by an `if`: the branch's zero accumulator made ptxas serialise every
     # wgmma of the kernel (C7515, `scripts/compile_poly.py` reports it)
     for t in range(0, tl.where(s > 0, NT, 0)):
-        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, rs,
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, scale,
                                    c0, c1, c2, D, DV, BA_, BA_ * BA_, DT, False, RESHAPE)
     for t in range(0, tl.where(s > 0, NL, 0)):
-        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, rs,
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, scale,
                                    c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
     em = tl.exp(-b_m)
     b_acc *= em[:, None]
@@ -543,7 +547,7 @@ def _direct_bwd_kv(
 
 
 @triton.jit
-def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
+def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1, c2,
               D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
               BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi."""
@@ -555,7 +559,8 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, 
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
     g += fb[:, None] * tl.load(SD + p_s)[None, :]
-    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, rs, _coef(a0, b0, c0, c1, c2, D, BA_, LIN), m_r, D, BA_, BS, DT, LIN,
+    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN), m_r, D, BA_, BS, DT,
+                 LIN,
                  RESHAPE)
 
 
@@ -563,7 +568,7 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, 
 def _far_bwd_dq(
     Q, DO, FA, FB, S, SD, TA, TB, DQ,
     s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
-    NQ, NK, H, G, NS, NT, NL, NR, BASE, rs, c0, c1, c2,
+    NQ, NK, H, G, NS, NT, NL, NR, BASE, scale, c0, c1, c2,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
     BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -577,16 +582,16 @@ def _far_bwd_dq(
         fa = tl.load(FA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         fb = tl.load(FB + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         for t in range(0, NT):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, rs, c0, c1, c2,
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, scale, c0, c1, c2,
                       D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
         for t in range(0, NL):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, rs, c0, c1, c2,
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1, c2,
                       D, DV, BDV, R * BT, _BL, _BL, BS, DT, True, RESHAPE)
 
 
 @triton.jit
 def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-                   NQ, NK, H, NS, NR, BASE, rs, c0, c1, c2, G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr,
+                   NQ, NK, H, NS, NR, BASE, scale, c0, c1, c2, G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr,
                    R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
                    BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Block t's reverse query sweep (see `_state_bwd`)."""
@@ -600,7 +605,7 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
         a0, b0, p_u = _block(TA, TB, t, i_bh * (NS - 1) + s, NR, BASE, BA_, F, LIN)
-        coef = _coef(a0, b0, c0, c1, c2, D, BA_, LIN)
+        coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
         # the query chunks whose state is exactly s + 1 (bounds recomputed: a loop-carried bound miscompiles)
         lo = _first_reader(s + 1, C0, LAG, SEG, R)
         hi = tl.minimum(_first_reader(s + 2, C0, LAG, SEG, R), NC)
@@ -609,12 +614,12 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
             for g in tl.static_range(G):
                 i_h = i_b * H + i_hk * G + g  # flat (batch, head) of the [B, H, NQ] row factors
                 p_q = i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn
-                fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, rs, coef, D, BA_, LIN, RESHAPE)
+                fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, coef, D, BA_, LIN, RESHAPE)
                 p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
                 b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
                 b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 if i_e == 0:
-                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), coef, rs, D,
+                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), coef, D,
                                      BA_, LIN)
         tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
         if i_e == 0:
@@ -625,7 +630,7 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
 def _state_bwd(
     Q, DO, FA, FB, TA, TB, U, UD,
     s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-    NQ, NK, HKV, NS, NT, NR, BASE, rs, c0, c1, c2,
+    NQ, NK, HKV, NS, NT, NR, BASE, scale, c0, c1, c2,
     G: tl.constexpr, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -636,20 +641,20 @@ def _state_bwd(
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     if i_t < NT:
         _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t, i_e, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-                       NQ, NK, HKV * G, NS, NR, 0, rs, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, BA_, BA_ * BA_, DT,
+                       NQ, NK, HKV * G, NS, NR, 0, scale, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, BA_, BA_ * BA_, DT,
                        False, RESHAPE)
     else:
         _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t - NT, i_e, s_qb, s_qh, s_qn, s_ob, s_oh,
-                       s_on, NQ, NK, HKV * G, NS, NR, BASE, rs, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, _BL, _BL,
+                       s_on, NQ, NK, HKV * G, NS, NR, BASE, scale, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, _BL, _BL,
                        DT, True, RESHAPE)
 
 
 @triton.jit
-def _dv_block(acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D: tl.constexpr, DV: tl.constexpr,
+def _dv_block(acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, D: tl.constexpr, DV: tl.constexpr,
               BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """acc += phi_k(k) U_t."""
     a0, b0, p_u = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    fk = _phi(K, p_k, a0, b0, m_r, rs, 1.0, D, BA_, LIN, RESHAPE)
+    fk = _phi(K, p_k, a0, b0, m_r, 1.0, D, BA_, LIN, RESHAPE)
     b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     return acc + tl.dot(fk.to(DT), b_u.to(DT))
 
@@ -658,7 +663,7 @@ def _dv_block(acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D: 
 def _far_bwd_v(
     K, VALID, U, TA, TB, DV_,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    NK, HKV, NS, NT, NL, NR, BASE, rs,
+    NK, HKV, NS, NT, NL, NR, BASE,
     SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
     BA_: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -674,10 +679,10 @@ def _far_bwd_v(
         state = i_bh * (NS - 1) + s
         b_acc = tl.zeros([R * BT, BDV], tl.float32)
         for t in range(0, NT):
-            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, 0, o_e, m_e, rs, D, DV, BA_, BA_ * BA_,
+            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, 0, o_e, m_e, D, DV, BA_, BA_ * BA_,
                               DT, False, RESHAPE)
         for t in range(0, NL):
-            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, rs, D, DV, _BL, _BL, DT,
+            b_acc = _dv_block(b_acc, K, p_k, m_r, U, TA, TB, t, state, NR, BASE, o_e, m_e, D, DV, _BL, _BL, DT,
                               True, RESHAPE)
         p_dv = DV_ + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :]
         # one program per key block: a plain read-add-write after the direct passes (same stream) is race-free
@@ -685,7 +690,7 @@ def _far_bwd_v(
 
 
 @triton.jit
-def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, rs, D: tl.constexpr,
+def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, D: tl.constexpr,
               DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
               BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Feature block t's part of dk: g = v U_t^T + UD_t ([rows, F], the values' column of ones gives UD), then
@@ -698,14 +703,17 @@ def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BA
         b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
     g += tl.load(UD + p_u)[None, :]
-    _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, rs, valid[:, None], m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    if LIN:  # a tile's VJP vanishes on zero (invalid) key rows; [x, 1]'s does not
+        _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, valid[:, None], m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    else:
+        _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, 1.0, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
 def _far_bwd_k(
     K, V, VALID, U, UD, TA, TB, DK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    NK, HKV, NS, NT, NL, NR, BASE, rs,
+    NK, HKV, NS, NT, NL, NR, BASE,
     SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr,
     BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -720,10 +728,10 @@ def _far_bwd_k(
         p_v = V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn
         state = i_bh * (NS - 1) + s
         for t in range(0, NT):
-            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, 0, rs, D, DV, BDV, R * BT,
+            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, 0, D, DV, BDV, R * BT,
                       BA_, BA_ * BA_, BS, DT, False, RESHAPE)
         for t in range(0, NL):
-            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, rs, D, DV, BDV, R * BT,
+            _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BASE, D, DV, BDV, R * BT,
                       _BL, _BL, BS, DT, True, RESHAPE)
 
 
@@ -847,7 +855,6 @@ class PolyTritonFunction(torch.autograd.Function):
         count("poly_triton.forward")
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
-        rs = math.sqrt(scale)
         out = torch.empty(p.b, p.h, p.nq, p.dv, dtype=q.dtype, device=q.device)
         m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
         den = torch.empty_like(m)
@@ -858,12 +865,12 @@ class PolyTritonFunction(torch.autograd.Function):
         if p.ns > 1:  # some query block reads a non-empty state
             _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
                 k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
-                p.base, rs, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
+                p.base, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
             )
         _launch(_fwd, (triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
             q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), rs, int(band), c0, c1, c2,
+            p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), int(band), c0, c1, c2,
             float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
             HAS_SOFTCAP=softcap is not None, **p.meta(),
         )
@@ -878,7 +885,6 @@ class PolyTritonFunction(torch.autograd.Function):
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
-        rs = math.sqrt(scale)
         do = do.contiguous()  # same layout as out: the kernels share its strides
         fa, fb, dd = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
         # float32 gradients: the far kernels add to them (the direct passes write every row first, unless dk / dv
@@ -905,7 +911,7 @@ class PolyTritonFunction(torch.autograd.Function):
             nt, nl, nr, base = p.geometry()
             _launch(_far_bwd_dq, (nqb, p.b * p.h),
                 q, do, fa, fb, st, sd, ta, tb, dq, *q.stride()[:3], *out.stride()[:3], *dq.stride()[:3],
-                p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, rs, c0, c1, c2,
+                p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, float(scale), c0, c1, c2,
                 LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
             n_u = p.b * p.hkv * (p.ns - 1) * nr
@@ -913,16 +919,16 @@ class PolyTritonFunction(torch.autograd.Function):
             ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
             _launch(_state_bwd, (nt + nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
                 q, do, fa, fb, ta, tb, u, ud, *q.stride()[:3], *out.stride()[:3],
-                p.nq, p.nk, p.hkv, p.ns, nt, nr, base, rs, c0, c1, c2,
+                p.nq, p.nk, p.hkv, p.ns, nt, nr, base, float(scale), c0, c1, c2,
                 G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(sweep=True),
             )
             _launch(_far_bwd_v, (nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read)),
-                k, valid, u, ta, tb, dvv, *k.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
+                k, valid, u, ta, tb, dvv, *k.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, nt, nl, nr, base,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(),
             )
             _launch(_far_bwd_k, (nkb, p.b * p.hkv),
                 k, v, valid, u, ud, ta, tb, dk, *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3],
-                p.nk, p.hkv, p.ns, nt, nl, nr, base, rs,
+                p.nk, p.hkv, p.ns, nt, nl, nr, base,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
         # one cast at a time: at 1M tokens each float32 gradient is gigabytes
@@ -968,6 +974,8 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
                          f"{chunk} (or use bfloat16 / float16, or kernel='torch')")
     nq = q.shape[2]
     qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
+    if kv_valid is not None:  # invalid keys as zero rows: then only the constant feature needs their mask (and
+        kp = kp * valid[:, None, :, None].to(kp.dtype)  # autograd zeroes their dk through this product)
     b, h, nqp, d = qp.shape
     hkv, nkp, dv = kp.shape[1], kp.shape[2], vp.shape[-1]
     if segment == "auto":
