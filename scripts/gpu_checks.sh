@@ -21,7 +21,7 @@ case "${1:-}" in
     # tile=16 is the default; the others undo one choice each (rows_per_block, pipelining, sweep width, the
     # key-major direct backward, tile size)
     python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 \
-      stages_sweep=1 bdv_state=128 key_major=0 tile=8 2>&1 | tee "$dest/profile-$(gpu)-128k-d128.txt" ;;
+      stages_sweep=1 bdv_state=64 key_major=0 tile=8 2>&1 | tee "$dest/profile-$(gpu)-128k-d128.txt" ;;
   bench)
     d=${2:?usage: gpu_checks.sh bench HEAD_DIM}
     methods=sdpa+poly:chunk=64,kernel=triton

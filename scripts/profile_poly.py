@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-kernel GPU time of one poly-Triton forward+backward (torch.profiler), for one or more schedules.
 
-    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 bdv_state=128
+    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 bdv_state=64
 Variant keys: tile, rows, segment, and the `TUNING` knobs of hf_fastattn.ops.poly.triton (reshape, bdv_read,
 bdv_state, key_major, stages_read, stages_sweep; 0/1 for the switches). One line per variant: total CUDA ms and
 each kernel's ms with, in brackets, the TFLOP/s of its tensor-core work (`kernel_flops`; an H100 SXM peaks at

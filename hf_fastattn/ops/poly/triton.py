@@ -63,13 +63,15 @@ READ_ROWS = 128  # query rows per readout program by default (`default_rows`): e
 BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
 _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
-# gathered, value columns per program of the readouts and of the register-resident state sweeps (128 spills
-# 1.4 KB in the key sweep at D = 128; 64 none), key_major: the direct window's dk / dv in a key-major pass
-# (stored) instead of atomic adds from the query pass, and the software-pipelining depth of the loops of the
+# gathered, value columns per program of the readouts and of the register-resident state sweeps (a sweep builds
+# the same features for every value block; at 64 the static model of `scripts/compile_poly.py` has the key sweep
+# issue-bound at 50 % of the tensor-core rate, at 128 MMA-bound, for 1.4 KB of spills outside its loop),
+# key_major: the direct window's dk / dv in a key-major pass (stored) instead of atomic adds from the query
+# pass, and the software-pipelining depth of the loops of the
 # readouts (feature blocks: the next [F, BDV] state slice loads while this one multiplies) and of the sweeps (the
 # next chunk's keys and values). With 1 stage no load is pipelined (`scripts/compile_poly.py` counts the
 # cp.async copies); 2 is the deepest whose readouts fit an H100's shared memory at D = 128 in 16-bit.
-TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 64, "key_major": True, "stages_read": 2, "stages_sweep": 3}
+TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128, "key_major": True, "stages_read": 2, "stages_sweep": 3}
 STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under (the backward adds as much for U)
 
 
@@ -548,8 +550,8 @@ def _direct_bwd_kv(
 
 @triton.jit
 def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1, c2,
-              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
-              BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
+              F: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
@@ -641,8 +643,8 @@ def _state_bwd(
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     if i_t < NT:
         _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t, i_e, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-                       NQ, NK, HKV * G, NS, NR, 0, scale, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, BA_, BA_ * BA_, DT,
-                       False, RESHAPE)
+                       NQ, NK, HKV * G, NS, NR, 0, scale, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, BA_, BA_ * BA_,
+                       DT, False, RESHAPE)
     else:
         _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, i_t - NT, i_e, s_qb, s_qh, s_qn, s_ob, s_oh,
                        s_on, NQ, NK, HKV * G, NS, NR, BASE, scale, c0, c1, c2, G, LAG, SEG, R, D, DV, BT, BDV, _BL, _BL,
