@@ -307,15 +307,15 @@ def main(argv=None):
         print(f"sm_{a.arch}, tile {a.tile}, rows {a.rows or 'default'}, chunk {a.chunk}, {pt.TUNING}, "
               f"triton {triton.__version__}")
         cols = ("dtype", "d", "kernel", "warps", "stages", "regs", "spill_stores", "spill_loads", "shared_kib",
-                "cp_async", "wgmma", "wgmma_serialized")
+                "cp_async", "wgmma", "wgmma_serialized", "loop_insts", "mma_bound")
         head = " ".join(f"{c:>12}" for c in cols[:4]) + f" {'stages':>6}{'':7} "
         print(head + " ".join(f"{c:>12}" for c in cols[5:]))
         for r in report:
             cells = " ".join(f"{r.get(c, ''):>12}" for c in cols[:4])
             cells += f" {r['stages']:>6}" + (f" (of {r['stages_wanted']})" if "stages_wanted" in r else " " * 7)
             if "regs" in r:
-                cells += " " + " ".join(f"{'yes' if r[c] is True else 'no' if r[c] is False else r[c]:>12}"
-                                        for c in cols[5:])
+                shown = (r.get(c, "") for c in cols[5:])  # (bools as yes / no: 0 and 1 are counts)
+                cells += " " + " ".join(f"{'yes' if x is True else 'no' if x is False else x:>12}" for x in shown)
             print(cells + (f"  FAILED: {r['error']}" if "error" in r else ""))
     return 1 if any("error" in r for r in report) else 0
 

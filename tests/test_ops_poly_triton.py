@@ -217,17 +217,48 @@ def test_kernels_compile_for_sm90(args, default, tmp_path):
         assert not [r["kernel"] for r in kernels if r["wgmma_serialized"]], kernels
 
 
-def test_peak_memory_at_1m_tokens_fits_an_h100():
-    """Allocation-level peak of one bf16 forward + backward (B = 1, H = 16, D = 128) on the meta device, kernels
-    captured, not run: the layout with float32 [N, D + 1] partials and a torch epilogue needed 125 GiB at 1M
-    tokens (out of memory on the H100), this one must stay well inside 80 GB and grow at most linearly. The same
-    accounting gave 73.1 / 22.1 GiB for the old kernels at D = 64, 1M / 256k, where the H100 measured ~71 / ~22."""
+def _compile_poly():
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("compile_poly", os.path.join(root, "scripts", "compile_poly.py"))
     cp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cp)
+    return cp
+
+
+def test_hot_loop_model_reads_sass():
+    """The static issue model on a hand-written SASS listing: an outer loop holding two inner ones; the inner
+    loop with the most HGMMA work is picked (not the longer one without MMAs), and its clocks follow from the
+    counts: 2 HGMMA 64x128x16 bf16 on 2 warpgroups = 4 x 262144 FLOP / 4096 per clock = 256; 8 instructions
+    x 8 warps / 4 = 16 issue clocks."""
+    lines = ["/*0000*/ MOV R1, c[0x0][0x28] ;", "/*0010*/ S2R R0, SR_TID.X ;"]
+    body = ["LDS R2, [R3] ;", "FMUL R4, R2, R2 ;", "HGMMA.64x128x16.F32.BF16 R24, R112, gdesc[UR12], R24 ;",
+            "HGMMA.64x128x16.F32.BF16 R24, R116, gdesc[UR12], R24, gsb0 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;",
+            "BAR.SYNC.DEFER_BLOCKING 0x0 ;", "FFMA R5, R4, R2, R5 ;"]
+    addr = 0x20
+    for text in body:
+        lines.append(f"/*{addr:04x}*/ {text}")
+        addr += 0x10
+    lines.append(f"/*{addr:04x}*/ @P0 BRA 0x20 ;")  # back edge of the MMA loop (8 instructions)
+    start = addr = addr + 0x10
+    for _ in range(20):  # a longer loop without MMAs
+        lines.append(f"/*{addr:04x}*/ FADD R6, R6, R7 ;")
+        addr += 0x10
+    lines.append(f"/*{addr:04x}*/ @!P1 BRA 0x{start:x} ;")
+    lines.append(f"/*{addr + 0x10:04x}*/ @P2 BRA 0x20 ;")  # the outer loop around both
+    row = _compile_poly().hot_loop("\n".join(lines), warps=8)
+    assert row == {"loop_insts": 8, "loop_mma_clk": 256, "loop_issue_clk": 16, "mma_bound": 100, "loop_bar": 1,
+                   "loop_fp32": 2, "loop_red": 0}, row
+    assert _compile_poly().hot_loop("/*0000*/ EXIT ;", warps=4) == {}  # no loop: no row
+
+
+def test_peak_memory_at_1m_tokens_fits_an_h100():
+    """Allocation-level peak of one bf16 forward + backward (B = 1, H = 16, D = 128) on the meta device, kernels
+    captured, not run: the layout with float32 [N, D + 1] partials and a torch epilogue needed 125 GiB at 1M
+    tokens (out of memory on the H100), this one must stay well inside 80 GB and grow at most linearly. The same
+    accounting gave 73.1 / 22.1 GiB for the old kernels at D = 64, 1M / 256k, where the H100 measured ~71 / ~22."""
+    cp = _compile_poly()
     gib = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, None, 64).peak / 2**30 for n in (2**18, 2**20)}
     assert gib[2**20] < 64, gib
     assert gib[2**20] < 4.4 * gib[2**18], gib  # no N^2 term: a quadratic one would give 16x
