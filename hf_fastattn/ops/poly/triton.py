@@ -561,9 +561,8 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, 
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
     g += fb[:, None] * tl.load(SD + p_s)[None, :]
-    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN), m_r, D, BA_, BS, DT,
-                 LIN,
-                 RESHAPE)
+    coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
+    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, coef, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
