@@ -178,6 +178,9 @@ def test_launch_lowers_pipelining_to_fit_shared_memory():
     assert pt.default_rows(64, torch.float32, 128) == 1
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
 def _has_nvidia_backend():
     import importlib.util
 
@@ -204,10 +207,9 @@ def test_kernels_compile_for_sm90(args, default, tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=_ROOT, TRITON_DEFAULT_FP_FUSION="1")
     out = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_poly.py"), *args, "--out", str(out)],
+    run = subprocess.run([sys.executable, os.path.join(_ROOT, "scripts", "compile_poly.py"), *args, "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
@@ -218,10 +220,10 @@ def test_kernels_compile_for_sm90(args, default, tmp_path):
 
 
 def _compile_poly():
+    """scripts/compile_poly.py as a module (scripts/ is not a package)."""
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("compile_poly", os.path.join(root, "scripts", "compile_poly.py"))
+    spec = importlib.util.spec_from_file_location("compile_poly", os.path.join(_ROOT, "scripts", "compile_poly.py"))
     cp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cp)
     return cp
@@ -247,10 +249,11 @@ def test_hot_loop_model_reads_sass():
         addr += 0x10
     lines.append(f"/*{addr:04x}*/ @!P1 BRA 0x{start:x} ;")
     lines.append(f"/*{addr + 0x10:04x}*/ @P2 BRA 0x20 ;")  # the outer loop around both
-    row = _compile_poly().hot_loop("\n".join(lines), warps=8)
+    cp = _compile_poly()
+    row = cp.hot_loop("\n".join(lines), warps=8)
     assert row == {"loop_insts": 8, "loop_mma_clk": 256, "loop_issue_clk": 16, "mma_bound": 100, "loop_bar": 1,
                    "loop_fp32": 2, "loop_red": 0}, row
-    assert _compile_poly().hot_loop("/*0000*/ EXIT ;", warps=4) == {}  # no loop: no row
+    assert cp.hot_loop("/*0000*/ EXIT ;", warps=4) == {}  # no loop: no row
 
 
 def test_peak_memory_at_1m_tokens_fits_an_h100():

@@ -306,7 +306,9 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
                 fk = _phi(K, p_k, a0, b0, m_t, valid[:, None], D, BA_, LIN, RESHAPE)
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
                 b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
-                if i_e == 0:
+                if i_e == 0 and LIN:  # a linear block's denominator terms are its features: sum fk, no reload
+                    b_sd += tl.sum(fk, 0)
+                elif i_e == 0:
                     b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, D, BA_, LIN)
 
 
