@@ -95,20 +95,38 @@ def _first_reader(s, C0, LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP: tl.constexpr,
-                    KEY_MAJOR: tl.constexpr = False):
-    """Weights and dW/dx of a directly computed block: exp(softcap(x) - m) in the band, P(x) e^{-m} beyond.
-    x: [queries, keys], or [keys, queries] when KEY_MAJOR (the key-major backward pass)."""
+def _far_chunks(q0, band, BT: tl.constexpr):
+    """Key chunks 0 .. n - 1 are at least `band` before query slot q0 and every later one: n (>= 0)."""
+    return tl.maximum(q0 - band + 1, 0) // BT
+
+
+@triton.jit
+def _direct_weights(y, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap, HAS_SOFTCAP: tl.constexpr,
+                    KEY_MAJOR: tl.constexpr = False, FAR: tl.constexpr = False):
+    """Weights and dW/dy of a directly computed block of raw products y = q.k (logits x = scale y):
+    exp(softcap(x) - m) in the band, P(x) e^{-m} beyond. y: [queries, keys], or [keys, queries] when KEY_MAJOR
+    (the key-major backward pass). FAR: the caller knows every pair of the block is at least `band` apart (so
+    causal too), and folds the rows' e^{-m} into its row factors: P(x) = c0 + y (c1 s + c2 s^2 y) on valid keys,
+    two FMAs per element, no masks of distance, no exponential (most blocks of a long window; `_far_chunks`).
+    Its dW/dy is left unmasked at invalid keys: they are zero rows of k (no dq) and autograd zeroes their dk."""
+    if FAR:
+        a1, a2 = c1 * scale, c2 * scale * scale
+        valid = m_k[:, None] if KEY_MAJOR else m_k[None, :]
+        return tl.where(valid, c0 + y * (a1 + a2 * y), 0.0), a1 + (2.0 * a2) * y
+    if KEY_MAJOR:
+        m = b_m[None, :]
+    else:
+        m = b_m[:, None]
+    em = tl.exp(-m)
     if KEY_MAJOR:
         dist = o_q[None, :] - o_k[:, None]
         seen = (dist >= 0) & m_k[:, None]
-        m = b_m[None, :]
     else:
         dist = o_q[:, None] - o_k[None, :]
         seen = (dist >= 0) & m_k[None, :]
-        m = b_m[:, None]
     near = seen & (dist < band)
     far = seen & (dist >= band)
+    x = y * scale
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         xn = softcap * t
@@ -116,11 +134,10 @@ def _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCA
     else:
         xn = x
         dxn = 1.0
-    em = tl.exp(-m)
     w_near = tl.exp(tl.where(near, xn - m, float("-inf")))
     w = tl.where(near, w_near, tl.where(far, (c0 + x * (c1 + c2 * x)) * em, 0.0))
     dw = tl.where(near, w_near * dxn, tl.where(far, (c1 + 2.0 * c2 * x) * em, 0.0))
-    return w, dw
+    return w, dw * scale
 
 
 @triton.jit
@@ -376,6 +393,20 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
 
 
 @triton.jit
+def _direct_fwd(acc, den, b_q, p_k, p_v, VALID, i_b, kb, o_q, b_m, s_kn, s_vn, NK, scale, band, c0, c1, c2, softcap,
+                D: tl.constexpr, BT: tl.constexpr, m_e, o_d, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+                FAR: tl.constexpr):
+    """acc += W v, den += W 1 for key chunk kb of a query block's direct window (`_direct_weights`)."""
+    o_k = kb * BT + tl.arange(0, BT)
+    b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
+    b_v = tl.load(p_v + o_k[:, None] * s_vn, mask=m_e, other=0.0)
+    m_k = tl.load(VALID + i_b * NK + o_k) > 0
+    w, _ = _direct_weights(tl.dot(b_q, tl.trans(b_k)), o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
+                           HAS_SOFTCAP, False, FAR)
+    return acc + tl.dot(w.to(DT), b_v.to(DT)), den + tl.sum(w, 1)
+
+
+@triton.jit
 def _fwd(
     Q, K, V, VALID, BOUND, HASFAR, S, SD, TA, TB, O, M, DEN,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
@@ -417,8 +448,8 @@ def _fwd(
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_acc = _mma_zeros(R * BT, BDV, DT)
     b_den = tl.zeros([R * BT], tl.float32)
-    # far keys in the boundary state (none before the first boundary), scaled by e^{-m} like the direct far
-    # weights. Skipped by trip count, not by an `if`: the branch's zero accumulator made ptxas serialise every
+    # far keys in the boundary state (none before the first boundary), scaled by e^{-m} after the far direct
+    # keys. Skipped by trip count, not by an `if`: the branch's zero accumulator made ptxas serialise every
     # wgmma of the kernel (C7515, `scripts/compile_poly.py` reports it); the accumulator is a tensor-core zero
     # for the same reason (the tile loop keeps its wgmma in flight past its end)
     for t in range(0, tl.where(s > 0, NT, 0)):
@@ -427,19 +458,19 @@ def _fwd(
     for t in range(0, tl.where(s > 0, NL, 0)):
         b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, scale,
                                    c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
+    # the keys after the boundary, directly: first those at least `band` before every row of the block, whose
+    # weights P(x) take their e^{-m} with the state's below
+    p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
+    kfar = tl.minimum(tl.maximum(_far_chunks(kc0 * BT, band, BT), s * SEG), kc1)
+    for kb in range(s * SEG, kfar):
+        b_acc, b_den = _direct_fwd(b_acc, b_den, b_q, p_k, p_v, VALID, i_b, kb, o_q, b_m, s_kn, s_vn, NK, scale,
+                                   band, c0, c1, c2, softcap, D, BT, m_e, o_d, HAS_SOFTCAP, DT, True)
     em = tl.exp(-b_m)
     b_acc *= em[:, None]
     b_den *= em
-    p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
-    for kb in range(s * SEG, kc1):  # the keys after the boundary, directly
-        o_k = kb * BT + o_t
-        b_k = tl.load(p_k + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * s_vn, mask=m_e, other=0.0)
-        m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        x = tl.dot(b_q, tl.trans(b_k)) * scale
-        w, _ = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
-        b_acc += tl.dot(w.to(DT), b_v.to(DT))
-        b_den += tl.sum(w, 1)
+    for kb in range(kfar, kc1):
+        b_acc, b_den = _direct_fwd(b_acc, b_den, b_q, p_k, p_v, VALID, i_b, kb, o_q, b_m, s_kn, s_vn, NK, scale,
+                                   band, c0, c1, c2, softcap, D, BT, m_e, o_d, HAS_SOFTCAP, DT, False)
     # a row that sees no valid key (left padding) has num = den = 0: output 0 (finite gradient, see backward)
     out = b_acc / tl.where(b_den > 0, b_den, 1.0)[:, None]
     tl.store(O + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_e[None, :], out.to(O.dtype.element_ty),
@@ -452,19 +483,36 @@ def _fwd(
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
 def _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
-                 HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr, FAR: tl.constexpr):
     """One (query chunk, key chunk) block of a direct window: its weights W and dL/dx, with
     dW_ij = dL/dnum_i . v_j + dL/dden_i (b_dn = dout / den, b_dd = -dout.out / den)."""
-    x = tl.dot(b_q, tl.trans(b_k)) * scale
-    w, dwdx = _direct_weights(x, o_q, o_k, m_k, b_m, band, c0, c1, c2, softcap, HAS_SOFTCAP)
+    w, dwdy = _direct_weights(tl.dot(b_q, tl.trans(b_k)), o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
+                              HAS_SOFTCAP, False, FAR)
     dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
-    return w, (dwdx * dw * scale).to(DT)
+    return w, (dwdy * dw).to(DT)
 
 
 @triton.jit
 def _rcp(den):
     """1 / den, and 0 for rows that see no valid key (their output is 0 and so is its gradient)."""
     return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
+def _direct_q_block(b_dq, b_q, K, V, VALID, DK, DV_, k_off, v_off, i_b, kb, o_q, b_m, b_dn, b_dd, s_kn, s_vn, NK,
+                    scale, band, c0, c1, c2, softcap, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, o_d,
+                    o_dv, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr, ATOMIC_KV: tl.constexpr, FAR: tl.constexpr):
+    """b_dq += dx k for key chunk kb of a query chunk's direct window (and, ATOMIC_KV, its dk / dv added)."""
+    o_k = kb * BT + tl.arange(0, BT)
+    b_k = tl.load(K + k_off + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
+    b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
+    m_k = tl.load(VALID + i_b * NK + o_k) > 0
+    w, dx = _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
+                         HAS_SOFTCAP, DT, FAR)
+    if ATOMIC_KV:
+        tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
+        tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn), mask=o_dv[None, :] < DV)
+    return b_dq + tl.dot(dx, b_k.to(DT))
 
 
 @triton.jit
@@ -497,30 +545,56 @@ def _direct_bwd_q(
     b_dd = -tl.sum(b_do * b_o, 1) * rden  # [BT]
     em = tl.exp(-b_m)
     tl.store(DD + i_bh * NQ + rows, b_dd)
+    b_fb = em * b_dd
     tl.store(FA + i_bh * NQ + rows, em * rden)
-    tl.store(FB + i_bh * NQ + rows, em * b_dd)
-    b_dn = (b_do * rden[:, None]).to(DT)
+    tl.store(FB + i_bh * NQ + rows, b_fb)
+    b_dnf = (b_do * (em * rden)[:, None]).to(DT)  # the far blocks' (their weights P(x) leave e^{-m} out)
     b_dq = _mma_zeros(BT, BD, DT)
     k_off = i_b * s_kb + i_hk * s_kh + o_d[None, :]
     v_off = i_b * s_vb + i_hk * s_vh + o_dv[None, :]
-    for kb in range(_state_of(kc, C0, LAG, SEG, R) * SEG, kc + 1):
-        o_k = kb * BT + o_t
-        b_k = tl.load(K + k_off + o_k[:, None] * s_kn, mask=o_d[None, :] < D, other=0.0)
-        b_v = tl.load(V + v_off + o_k[:, None] * s_vn, mask=o_dv[None, :] < DV, other=0.0).to(DT)
-        m_k = tl.load(VALID + i_b * NK + o_k) > 0
-        w, dx = _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
-                             HAS_SOFTCAP, DT)
-        b_dq += tl.dot(dx, b_k.to(DT))
-        if ATOMIC_KV:
-            tl.atomic_add(DK + k_off + o_k[:, None] * s_kn, tl.dot(tl.trans(dx), b_q.to(DT)), mask=o_d[None, :] < D)
-            tl.atomic_add(DV_ + v_off + o_k[:, None] * s_vn, tl.dot(tl.trans(w.to(DT)), b_dn),
-                          mask=o_dv[None, :] < DV)
+    lo = _state_of(kc, C0, LAG, SEG, R) * SEG
+    kfar = tl.minimum(tl.maximum(_far_chunks(kc * BT, band, BT), lo), kc + 1)  # chunks before: `FAR` blocks
+    for kb in range(lo, kfar):
+        b_dq = _direct_q_block(b_dq, b_q, K, V, VALID, DK, DV_, k_off, v_off, i_b, kb, o_q, b_m, b_dnf, b_fb, s_kn,
+                               s_vn, NK, scale, band, c0, c1, c2, softcap, D, DV, BT, o_d, o_dv, HAS_SOFTCAP, DT,
+                               ATOMIC_KV, True)
+    # dout reloaded (L2): one [BT, DV] operand live per loop (keeping both spilled under Triton 3.9)
+    b_dn = (tl.load(DO + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32) * rden[:, None]).to(DT)
+    for kb in range(kfar, kc + 1):
+        b_dq = _direct_q_block(b_dq, b_q, K, V, VALID, DK, DV_, k_off, v_off, i_b, kb, o_q, b_m, b_dn, b_dd, s_kn,
+                               s_vn, NK, scale, band, c0, c1, c2, softcap, D, DV, BT, o_d, o_dv, HAS_SOFTCAP, DT,
+                               ATOMIC_KV, False)
     tl.store(DQ + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], b_dq, mask=o_d[None, :] < D)
 
 
 @triton.jit
+def _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, RA, RB, i_b, i_h, qb, C0, NQ, H, s_qb, s_qh, s_qn,
+                     s_ob, s_oh, s_on, scale, band, c0, c1, c2, softcap, D: tl.constexpr, DV: tl.constexpr,
+                     BT: tl.constexpr, BQ: tl.constexpr, o_d, o_dv, HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr,
+                     FAR: tl.constexpr):
+    """dk, dv of a key chunk from query block qb (BQ rows) of head i_h, in [keys, queries] blocks (so the
+    products need no transposed register tensors). Row factors (RA, RB): (DEN, DD), or for FAR blocks, whose
+    weights leave e^{-m} out, (FA, FB) = e^{-m} (1 / den, DD)."""
+    o_s = qb * BQ + tl.arange(0, BQ)  # key slots of the query rows
+    rows = o_s - C0 * BT
+    r_off = (i_b * H + i_h) * NQ  # the [B, H, NQ] row buffers
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D,
+                  other=0.0)
+    b_do = tl.load(DO + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :], mask=o_dv[None, :] < DV,
+                   other=0.0).to(tl.float32)
+    if FAR:
+        b_dn = (b_do * tl.load(RA + r_off + rows)[:, None]).to(DT)
+    else:
+        b_dn = (b_do * _rcp(tl.load(RA + r_off + rows))[:, None]).to(DT)
+    wt, dwdy = _direct_weights(tl.dot(b_k, tl.trans(b_q)), o_s, o_k, m_k, tl.load(M + r_off + rows), scale, band,
+                               c0, c1, c2, softcap, HAS_SOFTCAP, True, FAR)
+    dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(RB + r_off + rows)[None, :]
+    return b_dk + tl.dot((dwdy * dwt).to(DT), b_q.to(DT)), b_dv + tl.dot(wt.to(DT), b_dn)
+
+
+@triton.jit
 def _direct_bwd_kv(
-    Q, K, V, VALID, DO, M, DEN, DD, DK, DV_,
+    Q, K, V, VALID, DO, M, DEN, DD, FA, FB, DK, DV_,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     NQ, NK, HKV, G, scale, band, c0, c1, c2, softcap,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
@@ -545,24 +619,19 @@ def _direct_bwd_kv(
     hi = tl.minimum(_first_reader(i_j // SEG + 1, C0, LAG, SEG, R), NK // BT)  # first chunk past i_j's state
     b_dk = _mma_zeros(BT, BD, DT)
     b_dv = _mma_zeros(BT, BDV, DT)
+    # blocks of BQ query rows (a chunk: with the far blocks split off, 64 rows no longer spill and issue 30 % fewer
+    # instructions per FLOP than 32); those from qfar on are `FAR` from every key
+    qfar = tl.minimum(tl.maximum(tl.cdiv(i_j * BT + BT - 1 + band, BQ), lo * (BT // BQ)), hi * (BT // BQ))
     for g in range(0, G):
         i_h = i_hk * G + g
-        r_off = (i_b * HKV * G + i_h) * NQ  # the [B, H, NQ] row buffers
-        for qb in range(lo * (BT // BQ), hi * (BT // BQ)):  # blocks of BQ = 32 query rows: 40 % less spill than 64
-            o_s = qb * BQ + tl.arange(0, BQ)  # key slots of the query rows
-            rows = o_s - C0 * BT
-            b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D,
-                          other=0.0)
-            b_do = tl.load(DO + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :],
-                           mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
-            b_dn = (b_do * _rcp(tl.load(DEN + r_off + rows))[:, None]).to(DT)
-            # [keys, queries] blocks, so that the dk / dv products need no transposed register tensors
-            xt = tl.dot(b_k, tl.trans(b_q)) * scale
-            wt, dwdx = _direct_weights(xt, o_s, o_k, m_k, tl.load(M + r_off + rows), band, c0, c1, c2,
-                                       softcap, HAS_SOFTCAP, True)
-            b_dv += tl.dot(wt.to(DT), b_dn)
-            dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(DD + r_off + rows)[None, :]
-            b_dk += tl.dot((dwdx * dwt * scale).to(DT), b_q.to(DT))
+        for qb in range(lo * (BT // BQ), qfar):
+            b_dk, b_dv = _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, DEN, DD, i_b, i_h, qb, C0, NQ,
+                                          HKV * G, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, scale, band, c0, c1, c2,
+                                          softcap, D, DV, BT, BQ, o_d, o_dv, HAS_SOFTCAP, DT, False)
+        for qb in range(qfar, hi * (BT // BQ)):
+            b_dk, b_dv = _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, FA, FB, i_b, i_h, qb, C0, NQ,
+                                          HKV * G, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, scale, band, c0, c1, c2,
+                                          softcap, D, DV, BT, BQ, o_d, o_dv, HAS_SOFTCAP, DT, True)
     tl.store(DK + k_off, b_dk, mask=o_d[None, :] < D)
     tl.store(DV_ + v_off, b_dv, mask=o_dv[None, :] < DV)
 
@@ -926,8 +995,8 @@ class PolyTritonFunction(torch.autograd.Function):
         )
         if key_major:
             _launch(_direct_bwd_kv, (p.nk // chunk, p.b * p.hkv),
-                q, k, v, valid, do, m, den, dd, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars,
-                BQ=min(32, chunk), **direct,
+                q, k, v, valid, do, m, den, dd, fa, fb, dk, dvv, *strides, p.nq, p.nk, p.hkv, p.g, *scalars,
+                BQ=min(64, chunk), **direct,
             )
         if p.ns > 1:
             nqb, nkb = triton.cdiv(p.nq, chunk * p.r), triton.cdiv(p.nk, chunk * p.r)
