@@ -158,11 +158,13 @@ MMA_RATE = {"BF16": 4096, "F16": 4096, "TF32": 2048, "E4M3": 8192, "E5M2": 8192}
 
 def hot_loop(sass: str, warps: int) -> dict:
     """A static issue model of a kernel's busiest loop, read off its SASS (`cuobjdump -sass`): the innermost loop
-    with the most tensor-core work per iteration. Per iteration: instructions per warp, MMA FLOPs of the CTA
-    (every warpgroup runs each HGMMA of the loop), and the clocks both take on one SM: its 4 schedulers issue one
-    warp instruction each per clock, and the MMAs run at the dense rate of `MMA_RATE`. `mma_bound` = MMA clocks /
-    max(MMA, issue clocks) is the most of the tensor-core peak the loop can reach with one CTA per SM, before
-    latencies, barriers and branches skipped inside it: a model of the code, not a measurement."""
+    with the most tensor-core work per iteration (the first of equals: the kernels put their direct windows'
+    far-only loops, the ones long contexts run, before the near ones). Per iteration: instructions per warp, MMA
+    FLOPs of the CTA (every warpgroup runs each HGMMA of the loop), and the clocks both take on one SM: its 4
+    schedulers issue one warp instruction each per clock, and the MMAs run at the dense rate of `MMA_RATE`.
+    `mma_bound` = MMA clocks / max(MMA, issue clocks) is the most of the tensor-core peak the loop can reach with
+    one CTA per SM, before latencies, barriers and branches skipped inside it: a model of the code, not a
+    measurement."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, text in ins:

@@ -38,8 +38,10 @@ feature rows and no float32 [N, D + 1] buffers. Its schedule was read off the sm
 `scripts/compile_poly.py`, which compiles every launch as Triton specialises it: the measured kernels ran every
 feature-block loop unpipelined (num_stages=1) and spilled 4.2 KB at D = 128 (bf16); here every loop that loads is
 software-pipelined (`TUNING` stages_read / stages_sweep; `_launch` lowers the depth where a variant exceeds the
-GPU's shared memory) and nothing spills. At 1M tokens and D = 128 a forward + backward holds about 58 GiB (125
-before: out of memory). Its GPU timings are owed.
+GPU's shared memory), no kernel's wgmma is serialised, and only the key sweep spills (1.4 KB at D = 128, at
+segment boundaries). Direct-window blocks whose keys are all at least `band` before every row skip the band's
+masks and exponentials. At 1M tokens and D = 128 a forward + backward holds about 54 GiB (125 before: out of
+memory). Its GPU timings are owed.
 
 Variables follow fla: `i_` program ids, `o_` offsets, `m_` masks, `b_` blocks.
 """
@@ -72,7 +74,10 @@ _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be con
 # next chunk's keys and values). With 1 stage no load is pipelined (`scripts/compile_poly.py` counts the
 # cp.async copies); 2 is the deepest whose readouts fit an H100's shared memory at D = 128 in 16-bit.
 TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128, "key_major": True, "stages_read": 2, "stages_sweep": 3}
-STATE_BUDGET = 8 * 2**30  # bytes of boundary states `segment="auto"` stays under (the backward adds as much for U)
+# bytes of boundary states `segment="auto"` stays under: an H100's 80 GB / 8. The backward frees them before it
+# builds U (as large), so at 1M tokens, D = 128 a forward + backward peaks at 54 GiB with 4096-token segments
+# (`scripts/compile_poly.py --memory`); every halving of the segment halves the direct window's work
+STATE_BUDGET = 10 * 2**30
 
 
 @triton.jit
@@ -620,18 +625,19 @@ def _direct_bwd_kv(
     b_dk = _mma_zeros(BT, BD, DT)
     b_dv = _mma_zeros(BT, BDV, DT)
     # blocks of BQ query rows (a chunk: with the far blocks split off, 64 rows no longer spill and issue 30 % fewer
-    # instructions per FLOP than 32); those from qfar on are `FAR` from every key
+    # instructions per FLOP than 32); those from qfar on are `FAR` from every key (their loop first, like the
+    # other direct loops: `scripts/compile_poly.py` models the first of equal loops)
     qfar = tl.minimum(tl.maximum(tl.cdiv(i_j * BT + BT - 1 + band, BQ), lo * (BT // BQ)), hi * (BT // BQ))
     for g in range(0, G):
         i_h = i_hk * G + g
-        for qb in range(lo * (BT // BQ), qfar):
-            b_dk, b_dv = _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, DEN, DD, i_b, i_h, qb, C0, NQ,
-                                          HKV * G, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, scale, band, c0, c1, c2,
-                                          softcap, D, DV, BT, BQ, o_d, o_dv, HAS_SOFTCAP, DT, False)
         for qb in range(qfar, hi * (BT // BQ)):
             b_dk, b_dv = _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, FA, FB, i_b, i_h, qb, C0, NQ,
                                           HKV * G, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, scale, band, c0, c1, c2,
                                           softcap, D, DV, BT, BQ, o_d, o_dv, HAS_SOFTCAP, DT, True)
+        for qb in range(lo * (BT // BQ), qfar):
+            b_dk, b_dv = _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, DEN, DD, i_b, i_h, qb, C0, NQ,
+                                          HKV * G, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, scale, band, c0, c1, c2,
+                                          softcap, D, DV, BT, BQ, o_d, o_dv, HAS_SOFTCAP, DT, False)
     tl.store(DK + k_off, b_dk, mask=o_d[None, :] < D)
     tl.store(DV_ + v_off, b_dv, mask=o_dv[None, :] < DV)
 
@@ -939,6 +945,19 @@ def _launch(kernel, grid, *args, **meta):
             return
 
 
+def _key_states(p, k, v, valid, ta, tb):
+    """The boundary states (S [states, Dv] in the state dtype, SD [states] float32) of the key sweep."""
+    n_s = p.b * p.hkv * p.ns * p.nr
+    st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=k.device)
+    sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=k.device)
+    if p.ns > 1:  # some query block reads a non-empty state
+        _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
+            k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
+            p.base, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
+        )
+    return st, sd
+
+
 class PolyTritonFunction(torch.autograd.Function):
     """(q, k, v) -> out [B, H, Nq, Dv]. See the module docstring."""
 
@@ -951,14 +970,7 @@ class PolyTritonFunction(torch.autograd.Function):
         m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
         den = torch.empty_like(m)
         ta, tb = _tiles(p.d, tile, q.device)
-        n_s = p.b * p.hkv * p.ns * p.nr
-        st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=q.device)
-        sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=q.device)
-        if p.ns > 1:  # some query block reads a non-empty state
-            _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
-                k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
-                p.base, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
-            )
+        st, sd = _key_states(p, k, v, valid, ta, tb)
         _launch(_fwd, (triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
             q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -966,16 +978,20 @@ class PolyTritonFunction(torch.autograd.Function):
             float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
             HAS_SOFTCAP=softcap is not None, **p.meta(),
         )
-        ctx.save_for_backward(q, k, v, valid, out, m, den, st, sd, ta, tb)
+        ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb)
+        # not saved tensors: the backward drops them once read (it holds U next), a second one rebuilds them
+        ctx.states = (st, sd)
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
         return out
 
     @staticmethod
     def backward(ctx, do):
         count("poly_triton.backward")
-        q, k, v, valid, out, m, den, st, sd, ta, tb = ctx.saved_tensors
+        q, k, v, valid, out, m, den, ta, tb = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
+        st, sd = ctx.states or _key_states(p, k, v, valid, ta, tb)
+        ctx.states = None
         c0, c1, c2 = (float(c) for c in coeffs)
         do = do.contiguous()  # same layout as out: the kernels share its strides
         fa, fb, dd = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
@@ -1006,6 +1022,7 @@ class PolyTritonFunction(torch.autograd.Function):
                 p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, float(scale), c0, c1, c2,
                 LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
+            del st, sd  # before U: the two are the largest buffers (4.6 GiB each at 1M tokens, D = 128)
             n_u = p.b * p.hkv * (p.ns - 1) * nr
             u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
             ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
@@ -1023,6 +1040,7 @@ class PolyTritonFunction(torch.autograd.Function):
                 p.nk, p.hkv, p.ns, nt, nl, nr, base,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
+            del u, ud
         # one cast at a time: at 1M tokens each float32 gradient is gigabytes
         dq = dq.to(q.dtype)
         dk = dk.to(k.dtype)
@@ -1043,7 +1061,7 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
     tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
-    stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 8 GiB). Keys
+    stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 10 GiB). Keys
     after a query's boundary state are computed directly, so larger segments trade state memory for direct
     work. rows_per_block: query chunks per readout program, sharing each state slice it reads (1 or 2; None:
     `default_rows`)."""
