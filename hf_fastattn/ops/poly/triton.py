@@ -643,17 +643,22 @@ def _direct_bwd_kv(
 
 
 @triton.jit
-def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1, c2,
-              D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
+def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1,
+              c2, D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
               F: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
-    """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi."""
+    """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi.
+    b_dnf: dNF_num's first BDV columns (dout FA, in the dot dtype), built once per program."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
     for e0 in tl.static_range(0, DV, BDV):  # accumulator keeps the dot's layout, which spills less)
         o_e = e0 + tl.arange(0, BDV)
-        b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
+        if e0 == 0:
+            b_dn = b_dnf
+        else:
+            b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
+            b_dn = (b_dn * fa[:, None]).to(DT)
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
-        g += tl.dot((b_dn * fa[:, None]).to(DT), tl.trans(b_s.to(DT)))
+        g += tl.dot(b_dn, tl.trans(b_s.to(DT)))
     g += fb[:, None] * tl.load(SD + p_s)[None, :]
     coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
     _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, coef, m_r, D, BA_, BS, DT, LIN, RESHAPE)
@@ -676,12 +681,16 @@ def _far_bwd_dq(
         p_do = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on
         fa = tl.load(FA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         fb = tl.load(FB + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
+        # hoisted out of the feature blocks: 1170 -> 922 instructions per tile (Triton 3.6), 1240 -> 995 (3.9)
+        o_e = tl.arange(0, BDV)
+        b_dnf = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
+        b_dnf = (b_dnf * fa[:, None]).to(DT)
         for t in range(0, NT):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, scale, c0, c1, c2,
-                      D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, scale, c0, c1,
+                      c2, D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
         for t in range(0, NL):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1, c2,
-                      D, DV, BDV, R * BT, _BL, _BL, BS, DT, True, RESHAPE)
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0,
+                      c1, c2, D, DV, BDV, R * BT, _BL, _BL, BS, DT, True, RESHAPE)
 
 
 @triton.jit
