@@ -73,8 +73,9 @@ def test_triton_tile16_matches_naive(b, h, hkv, nq, nk, d, band, softcap, pad):
 def test_triton_schedules_agree(segment, rows, chunk):
     """The segment length, rows per readout block and chunk are a schedule: the function must not change (512:
     no stored state at all, everything in the direct window; 64 x 2: the default readout blocks of 128 rows;
-    chunk 128: the key-major backward walks each query chunk in two 64-row blocks). Band 5 and the padded
-    first keys put far (`FAR`) blocks with invalid keys in the direct windows."""
+    chunk 64 / 128: the key-major backward walks each query chunk in 32-row blocks, as float32 does on a GPU,
+    and its far-only blocks can start inside a chunk). Band 5 and the padded first keys put far-only (`FAR`)
+    blocks with invalid keys in the direct windows."""
     (q, k, v), valid = _inputs(1, 2, 1, 290, 320, 16, True) if chunk >= 64 else _inputs(1, 2, 1, 90, 120, 16, True)
     _compare(q, k, v, valid, 5, None, chunk, poly_coefficients(2), 1e-5, 1e-5, segment=segment, rows=rows)
 
