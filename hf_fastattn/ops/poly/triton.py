@@ -490,7 +490,8 @@ def _fwd(
 def _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
                  HAS_SOFTCAP: tl.constexpr, DT: tl.constexpr, FAR: tl.constexpr):
     """One (query chunk, key chunk) block of a direct window: its weights W and dL/dx, with
-    dW_ij = dL/dnum_i . v_j + dL/dden_i (b_dn = dout / den, b_dd = -dout.out / den)."""
+    dW_ij = dL/dnum_i . v_j + dL/dden_i (b_dn = dout / den, b_dd = -dout.out / den; FAR blocks, whose weights
+    leave e^{-m} out, take both times e^{-m})."""
     w, dwdy = _direct_weights(tl.dot(b_q, tl.trans(b_k)), o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap,
                               HAS_SOFTCAP, False, FAR)
     dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]
