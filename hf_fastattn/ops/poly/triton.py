@@ -119,16 +119,14 @@ def _direct_weights(y, o_q, o_k, m_k, b_m, scale, band, c0, c1, c2, softcap, HAS
         valid = m_k[:, None] if KEY_MAJOR else m_k[None, :]
         return tl.where(valid, c0 + y * (a1 + a2 * y), 0.0), a1 + (2.0 * a2) * y
     if KEY_MAJOR:
-        m = b_m[None, :]
-    else:
-        m = b_m[:, None]
-    em = tl.exp(-m)
-    if KEY_MAJOR:
         dist = o_q[None, :] - o_k[:, None]
         seen = (dist >= 0) & m_k[:, None]
+        m = b_m[None, :]
     else:
         dist = o_q[:, None] - o_k[None, :]
         seen = (dist >= 0) & m_k[None, :]
+        m = b_m[:, None]
+    em = tl.exp(-m)
     near = seen & (dist < band)
     far = seen & (dist >= band)
     x = y * scale
@@ -499,6 +497,14 @@ def _direct_pair(b_q, b_k, b_v, b_dn, b_dd, o_q, o_k, m_k, b_m, scale, band, c0,
 
 
 @triton.jit
+def _dout_times(DO, p_do, o_e, m_r, f, DV: tl.constexpr, DT: tl.constexpr):
+    """dout's columns o_e of a block of rows times a row factor f ([rows]), in the dot dtype: [rows, len(o_e)].
+    p_do: [rows, 1] row offsets; m_r: [rows, 1] row mask."""
+    b_do = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
+    return (b_do * f[:, None]).to(DT)
+
+
+@triton.jit
 def _rcp(den):
     """1 / den, and 0 for rows that see no valid key (their output is 0 and so is its gradient)."""
     return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
@@ -587,11 +593,9 @@ def _direct_kv_block(b_dk, b_dv, b_k, b_v, m_k, o_k, Q, DO, M, RA, RB, i_b, i_h,
     b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D,
                   other=0.0)
     b_do = tl.load(DO + i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :], mask=o_dv[None, :] < DV,
-                   other=0.0).to(tl.float32)
-    if FAR:
-        b_dn = (b_do * tl.load(RA + r_off + rows)[:, None]).to(DT)
-    else:
-        b_dn = (b_do * _rcp(tl.load(RA + r_off + rows))[:, None]).to(DT)
+                   other=0.0).to(tl.float32)  # (no row mask: `_dout_times` with one costs 4 % of the far loop)
+    ra = tl.load(RA + r_off + rows)
+    b_dn = (b_do * (ra if FAR else _rcp(ra))[:, None]).to(DT)
     wt, dwdy = _direct_weights(tl.dot(b_k, tl.trans(b_q)), o_s, o_k, m_k, tl.load(M + r_off + rows), scale, band,
                                c0, c1, c2, softcap, HAS_SOFTCAP, True, FAR)
     dwt = tl.dot(b_v, tl.trans(b_dn)) + tl.load(RB + r_off + rows)[None, :]
@@ -653,11 +657,7 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, 
     g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
     for e0 in tl.static_range(0, DV, BDV):  # accumulator keeps the dot's layout, which spills less)
         o_e = e0 + tl.arange(0, BDV)
-        if e0 == 0:
-            b_dn = b_dnf
-        else:
-            b_dn = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
-            b_dn = (b_dn * fa[:, None]).to(DT)
+        b_dn = b_dnf if e0 == 0 else _dout_times(DO, p_do, o_e, m_r, fa, DV, DT)
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_dn, tl.trans(b_s.to(DT)))
     g += fb[:, None] * tl.load(SD + p_s)[None, :]
@@ -683,9 +683,7 @@ def _far_bwd_dq(
         fa = tl.load(FA + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         fb = tl.load(FB + i_bh * NQ + rows, mask=rows < NQ, other=0.0)
         # hoisted out of the feature blocks: 1170 -> 922 instructions per tile (Triton 3.6), 1240 -> 995 (3.9)
-        o_e = tl.arange(0, BDV)
-        b_dnf = tl.load(DO + p_do + o_e[None, :], mask=m_r & (o_e[None, :] < DV), other=0.0).to(tl.float32)
-        b_dnf = (b_dnf * fa[:, None]).to(DT)
+        b_dnf = _dout_times(DO, p_do, tl.arange(0, BDV), m_r, fa, DV, DT)
         for t in range(0, NT):
             _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, scale, c0, c1,
                       c2, D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
@@ -811,10 +809,8 @@ def _dk_block(K, p_k, DK, p_dk, p_v, m_r, valid, U, UD, TA, TB, t, state, NR, BA
         b_u = tl.load(U + p_u[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_v.to(DT), tl.trans(b_u.to(DT)))
     g += tl.load(UD + p_u)[None, :]
-    if LIN:  # a tile's VJP vanishes on zero (invalid) key rows; [x, 1]'s does not
-        _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, valid[:, None], m_r, D, BA_, BS, DT, LIN, RESHAPE)
-    else:
-        _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, 1.0, m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    wg = valid[:, None] if LIN else 1.0  # a tile's VJP vanishes on zero (invalid) key rows; [x, 1]'s does not
+    _feature_vjp(K, p_k, DK, p_dk, a0, b0, g, wg, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
