@@ -105,6 +105,7 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     out = poly_attention(
         q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
+        save_states=cfg.poly_save_states,
     )
     return _finite_or_exact(out, "poly", layer_idx, exact)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRITON_KNOBS = {"tile", "seg", "rows"}  # poly spec keys that call the Triton kernels' schedule directly
+TRITON_KNOBS = {"tile", "seg", "rows", "save"}  # poly spec keys that call the Triton kernels' schedule directly
 
 
 def segmented_terms(n: int, d: int, r: int, chunk: int, band: int, segment: int) -> tuple[float, float]:
@@ -64,8 +64,9 @@ def _method_fn(name: str, args):
 
             c, tile, rows = poly_coefficients(degree), int(extra.get("tile", BA)), extra.get("rows")
             seg = int(extra["seg"]) if "seg" in extra else "auto"
+            save = bool(int(extra.get("save", 0)))
             return lambda q, k, v: poly_triton_attention(q, k, v, scale, c, band, chunk, tile=tile, segment=seg,
-                                                         rows_per_block=rows and int(rows))
+                                                         rows_per_block=rows and int(rows), save_states=save)
         return lambda q, k, v: poly_attention(q, k, v, scale, degree=degree, band=band, chunk=chunk, kernel=kernel)
     if base == "conv":
         from .ops.conv import conv_attention
@@ -95,17 +96,20 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
         auto = kernel == "auto" and auto_uses_triton(args.device.startswith("cuda"), degree, d, DTYPES[args.dtype])
         if TRITON_KNOBS & extra.keys() or kernel == "triton" or auto:
             # segmented schedule: states at segment boundaries, the rest of the window direct
-            from .ops.poly.triton import BA, auto_segment
+            from .ops.poly.triton import BA, auto_segment, state_budget
 
             tc = _TRITON_CHUNK if auto else chunk  # "auto" runs the kernels at their own chunk size
             if "seg" in extra:
                 seg = int(extra["seg"])
             else:
                 item = 4 if args.dtype == "fp32" else 2
-                seg = auto_segment(b, hkv, n, d, d, tc, int(extra.get("tile", BA)), item)
+                seg = auto_segment(b, hkv, n, d, d, tc, int(extra.get("tile", BA)), item, state_budget(args.device))
             state, window = segmented_terms(n, d, r, tc, band, seg)
             fwd = b * (hkv + h) * state + b * h * n * window * 4 * d
-            bwd = b * (2 * hkv + 2 * h) * state + b * h * n * window * 10 * d
+            # the backward reruns the key sweep unless the states were saved (counted: it is work that runs, as
+            # FlashAttention's backward count includes its recomputed logits)
+            sweeps = 2 if int(extra.get("save", 0)) else 3
+            bwd = b * (sweeps * hkv + 2 * h) * state + b * h * n * window * 10 * d
             return fwd if mode == "fwd" else fwd + bwd
         lag = math.ceil(band / chunk) if band else 0
         chunks = n / chunk
@@ -327,8 +331,10 @@ def plot(report, path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="sdpa,exact,poly", help="comma list (or + list when a spec has commas): sdpa, flash, exact, "
-                   "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16,seg=,rows=], conv[:k=16,placement=even]")
+    p.add_argument("--methods", default="sdpa,exact,poly",
+                   help="comma list (or + list when a spec has commas): sdpa, flash, exact, "
+                   "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16,seg=,rows=,save=0|1], "
+                   "conv[:k=16,placement=even]")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--batch", type=int, default=1, help="batch size B")

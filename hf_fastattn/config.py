@@ -43,6 +43,10 @@ class FastAttnConfig:
         chunk_size: tokens per chunk of the chunked poly forward/backward.
         feature_cap: largest allowed feature count r = sum_t C(d + t - 1, t) of the packed tensor powers.
         kernel: `"auto"` (Triton on CUDA when available, torch otherwise), `"torch"`, `"triton"`.
+        poly_save_states: keep the Triton kernels' boundary prefix states from forward to backward (one key
+            sweep less per backward, but up to 10 GiB per layer held until the backward at long context). Off:
+            the backward recomputes them and a layer keeps only q, k, v, out and two floats per row, as
+            FlashAttention does. The torch path always recomputes.
         conv_k: number of conv bases k.
         conv_T, conv_delta, conv_eps: the recovery search parameters of the conv-basis paper (a window
             of T diagonal entries, the threshold delta and the noise level eps).
@@ -62,6 +66,7 @@ class FastAttnConfig:
     chunk_size: int = 128
     feature_cap: int = 65536
     kernel: str = "auto"
+    poly_save_states: bool = False
     conv_k: int = 16
     conv_T: int = 8
     conv_delta: float = 0.5
@@ -78,6 +83,8 @@ class FastAttnConfig:
         _check_choice("kernel", self.kernel, BACKENDS)
         _check_choice("conv_placement", self.conv_placement, CONV_PLACEMENTS)
         _check_int("degree", self.degree, 2)
+        if not isinstance(self.poly_save_states, bool):
+            raise ValueError(f"fastattn_config['poly_save_states'] must be true or false; got {self.poly_save_states!r}")
         if self.degree % 2:
             raise ValueError(
                 f"fastattn_config['degree'] must be even (2, 4, 6, ...): an odd Taylor polynomial of exp goes "

@@ -16,13 +16,15 @@ are not measured.
     python scripts/compile_poly.py --memory 262144 1048576 --head-dim 64 128
 
 runs the same forward + backward on the meta device under a TorchDispatchMode that counts live tensor bytes:
-the peak device memory of a run at any length, with no device. For the kernels measured on the H100 (6629a06)
+the peak device memory of a run at any length, with no device, and what is held from the forward to the
+backward (per layer, in a model), with and without `save_states`. For the kernels measured on the H100 (6629a06)
 it gives 73.1 / 22.1 GiB at D = 64, 1M / 256k tokens, where the GPU measured ~71 / ~22 GiB (65.2 / 20.2 above
 the inputs).
 """
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -46,10 +48,12 @@ from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # bytes per block (opt-in maximum)
 
 
-def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=None, device="cpu", mode=None):
+def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=None, device="cpu", mode=None,
+            save_states=False):
     """Every kernel launch of one forward + backward, as (kernel, positional args, keyword args). The kernels do
     not run, so `device="meta"` works at any length; `mode` (a TorchDispatchMode) sees every torch op, and then
-    no launch is kept (the log would keep the kernels' tensors alive)."""
+    no launch is kept (the log would keep the kernels' tensors alive); its `between()`, if it has one, is
+    called after the forward."""
     log = []
     rows = rows or pt.default_rows(chunk, dtype, d)
 
@@ -68,7 +72,9 @@ def capture(d, dtype, tile, rows, chunk, n, heads, hkv, band, softcap, segment=N
             q = torch.randn(1, heads, n, d, device=device, dtype=dtype).requires_grad_()
             k, v = (torch.randn(1, hkv, n, d, device=device, dtype=dtype).requires_grad_() for _ in range(2))
             out = pt.poly_triton_attention(q, k, v, d**-0.5, poly_coefficients(2), band, chunk, softcap, tile=tile,
-                                           segment=segment or 4 * chunk * rows, rows_per_block=rows)
+                                           segment=segment or 4 * chunk * rows, rows_per_block=rows,
+                                           save_states=save_states)
+            getattr(mode, "between", lambda: None)()
             out.backward(torch.ones_like(out))
     finally:
         for name, fn in kernels.items():
@@ -83,8 +89,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, big=2**30):
         super().__init__()
-        self.live = self.peak = 0
+        self.live = self.peak = self.held = 0
         self.big, self.allocations = big, []  # allocations of >= `big` bytes: (bytes, op, shape, dtype)
+
+    def between(self):
+        """Mark the end of the forward: `held` is what is live then (what a layer keeps until its backward)."""
+        self.held = self.live
 
     def _free(self, nbytes):
         self.live -= nbytes
@@ -103,11 +113,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def peak_memory(d, dtype, n, heads, tile, rows, chunk):
-    """Peak live bytes of one forward + backward at length n (B = 1, K/V heads = heads), inputs and gradients
-    included, on the meta device: no memory is used and no kernel runs."""
+def peak_memory(d, dtype, n, heads, tile, rows, chunk, save_states=False):
+    """Live bytes of one forward + backward at length n (B = 1, K/V heads = heads) on the meta device (no memory
+    is used and no kernel runs): `.peak` (inputs and gradients included) and `.held` (after the forward, inputs
+    and output included)."""
     tracker = LiveBytes()
-    capture(d, dtype, tile, rows, chunk, n, heads, heads, 0, None, segment="auto", device="meta", mode=tracker)
+    capture(d, dtype, tile, rows, chunk, n, heads, heads, 0, None, segment="auto", device="meta", mode=tracker,
+            save_states=save_states)
     return tracker
 
 
@@ -252,13 +264,15 @@ def memory_report(a, dtypes):
     rows = []
     for name in a.dtype:
         for d in a.head_dim:
-            for n in a.memory:
-                t = peak_memory(d, dtypes[name], n, a.heads, a.tile, a.rows, a.chunk)
+            for n, save in itertools.product(a.memory, (False, True)):
+                t = peak_memory(d, dtypes[name], n, a.heads, a.tile, a.rows, a.chunk, save)
                 big = sorted(t.allocations, reverse=True)
-                rows.append(dict(dtype=name, d=d, n=n, heads=a.heads, peak_gib=round(t.peak / 2**30, 2),
+                rows.append(dict(dtype=name, d=d, n=n, heads=a.heads, save_states=save,
+                                 peak_gib=round(t.peak / 2**30, 2), held_gib=round(t.held / 2**30, 2),
                                  allocations_gib=[(round(b / 2**30, 2), op, shape, dt) for b, op, shape, dt in big]))
-                print(f"{name} D={d} N={n} H={a.heads}: peak {t.peak / 2**30:.1f} GiB of live tensors (fwd + bwd, "
-                      f"inputs and gradients included); allocations >= 1 GiB:")
+                print(f"{name} D={d} N={n} H={a.heads} save_states={save}: peak {t.peak / 2**30:.1f} GiB of live "
+                      f"tensors (fwd + bwd, inputs and gradients included), {t.held / 2**30:.1f} GiB held from "
+                      "forward to backward (inputs and output included); allocations >= 1 GiB:")
                 for b, op, shape, dt in big:
                     print(f"    {b / 2**30:6.2f} GiB  {op:<28} {list(shape)} {dt}")
     _save(a, memory=rows)

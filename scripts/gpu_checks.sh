@@ -19,12 +19,12 @@ case "${1:-}" in
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_poly_triton.py 2>&1 | tee "$dest/gpu-tests.txt" ;;
   profile)
     # tile=16 is the default; the others undo one choice each (rows_per_block, pipelining, sweep width, the
-    # key-major direct backward, tile size)
-    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 rows=1 stages_read=1 \
+    # key-major direct backward, tile size); save=1 keeps the states instead of the backward's second key sweep
+    python scripts/profile_poly.py --n 131072 --head-dim 128 --variants tile=16 save=1 rows=1 stages_read=1 \
       stages_sweep=1 bdv_state=64 key_major=0 tile=8 2>&1 | tee "$dest/profile-$(gpu)-128k-d128.txt" ;;
   bench)
     d=${2:?usage: gpu_checks.sh bench HEAD_DIM}
-    methods=sdpa+poly:chunk=64,kernel=triton
+    methods=sdpa+poly:chunk=64,kernel=triton+poly:chunk=64,kernel=triton,save=1
     python -c "import flash_attn" 2>/dev/null && methods=$methods+flash  # flash-attn itself, where installed
     python scripts/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim "$d" \
       --methods "$methods" --lengths 4096,16384,65536,131072,262144,1048576 --repeats 2 \

@@ -207,6 +207,7 @@ def test_configure_switches_implementation():
         ({"local_window": -1}, "fastattn_config['local_window'] must be an integer >= 0"),
         ({"chunk_size": 1.5}, "fastattn_config['chunk_size'] must be an integer >= 1"),
         ({"guard_tolerance": float("nan")}, "fastattn_config['guard_tolerance'] must be a finite number > 0"),
+        ({"poly_save_states": "yes"}, "fastattn_config['poly_save_states'] must be true or false; got 'yes'"),
         ({"conv_placement": "random"}, "fastattn_config['conv_placement'] must be one of 'search', 'even', 'geometric'"),
         ({"windw": 3}, "unknown option 'windw'; allowed options are method, guard"),
         ({"layers": {"x": {}}}, "fastattn_config['layers'] keys must be layer indices"),

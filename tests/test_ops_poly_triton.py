@@ -8,8 +8,9 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'hf-fastattn[test]')")
 
+from hf_fastattn.ops import stats  # noqa: E402
 from hf_fastattn.ops.poly import poly_attention  # noqa: E402
-from hf_fastattn.ops.poly.features import poly_coefficients  # noqa: E402
+from hf_fastattn.ops.poly.features import FeatureMap, poly_coefficients  # noqa: E402
 from hf_fastattn.ops.poly.naive import naive_poly_attention  # noqa: E402
 from hf_fastattn.ops.poly.triton import poly_triton_attention  # noqa: E402
 
@@ -88,17 +89,28 @@ def test_triton_large_logits_finite():
 
 
 @interpreted
-def test_triton_second_backward_rebuilds_states():
-    """The backward frees the boundary states once read; a second backward through the same graph
-    (retain_graph) must rebuild them and give the same gradients."""
+def test_triton_saved_or_recomputed_states_agree():
+    """The boundary states are a cache: recomputed in the backward (default: a layer keeps only O(N D) between
+    forward and backward) or saved by the forward, the outputs and gradients must be bit-identical, the key
+    sweep must run once per pass that needs it, and a second backward through the same graph (retain_graph;
+    the backward frees saved states once read) must rebuild them."""
     (q, k, v), _ = _inputs(1, 2, 1, 100, 100, 16, False)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 5, 16, segment=32)
-    do = torch.randn_like(out)
-    first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-    second = torch.autograd.grad(out, (q, k, v), do)
-    for a, b in zip(first, second):
-        assert a.abs().max() > 0 and torch.equal(a, b)
+    do = torch.randn(1, 2, 100, 16)
+    grads = {}
+    for save in (False, True):
+        stats.reset()
+        out = poly_triton_attention(q, k, v, 0.3, poly_coefficients(2), 5, 16, segment=32, save_states=save)
+        assert stats.COUNTS["poly_triton.key_sweep"] == 1
+        first = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        assert stats.COUNTS["poly_triton.key_sweep"] == (1 if save else 2)
+        second = torch.autograd.grad(out, (q, k, v), do)
+        assert stats.COUNTS["poly_triton.key_sweep"] == (2 if save else 3)
+        for a, b in zip(first, second):
+            assert a.abs().max() > 0 and torch.equal(a, b)
+        grads[save] = (out.detach(), *first)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
 
 
 @interpreted
@@ -278,6 +290,63 @@ def test_peak_memory_at_1m_tokens_fits_an_h100():
     tokens (out of memory on the H100), this one must stay well inside 80 GB and grow at most linearly. The same
     accounting gave 73.1 / 22.1 GiB for the old kernels at D = 64, 1M / 256k, where the H100 measured ~71 / ~22."""
     cp = _compile_poly()
-    gib = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, None, 64).peak / 2**30 for n in (2**18, 2**20)}
+    runs = {n: cp.peak_memory(128, torch.bfloat16, n, 16, 16, None, 64) for n in (2**18, 2**20)}
+    gib = {n: t.peak / 2**30 for n, t in runs.items()}
     assert gib[2**20] < 64, gib
     assert gib[2**20] < 4.4 * gib[2**18], gib  # no N^2 term: a quadratic one would give 16x
+    # between forward and backward (per layer, in a model) only q, k, v, out (4 GiB each) and a few floats per row
+    # stay: the boundary states (9.1 GiB here) are recomputed unless save_states
+    assert runs[2**20].held / 2**30 < 16.6, runs[2**20].held / 2**30
+    saved = cp.peak_memory(128, torch.bfloat16, 2**20, 16, 16, None, 64, save_states=True)
+    assert saved.held - runs[2**20].held > 9 * 2**30 and saved.peak == runs[2**20].peak
+
+
+@interpreted
+def test_backend_poly_save_states_reaches_the_kernels(monkeypatch):
+    """`poly_save_states` in the model's fastattn config selects saved vs recomputed states in every layer's
+    kernels (counted key sweeps), and the loss gradient does not depend on it."""
+    import hf_fastattn
+    from hf_fastattn.ops.poly import triton as pt
+    from hf_fastattn.testing import model_pair, tiny_config
+
+    monkeypatch.setattr(pt, "auto_segment", lambda *a, **k: 32)  # 40 tokens in 3 chunks: 2 boundary states
+
+    x = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for save in (False, True):
+        _, model = model_pair(tiny_config("llama"))
+        hf_fastattn.configure(model, method="poly", chunk_size=16, kernel="triton", guard="off",
+                              poly_save_states=save)
+        stats.reset()
+        model(input_ids=x, labels=x).loss.backward()
+        layers = model.config.num_hidden_layers
+        assert stats.COUNTS["poly_triton.forward"] == layers
+        assert stats.COUNTS["poly_triton.key_sweep"] == layers * (1 if save else 2)
+        grads[save] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert grads[False].abs().max() > 0 and torch.equal(grads[False], grads[True])
+
+
+def test_state_budget_follows_the_gpu(monkeypatch):
+    """`segment="auto"` keeps the boundary states under an eighth of a GPU smaller than an H100 (a 24 GB card
+    gets 3 GiB and so longer segments), never more than STATE_BUDGET; the benchmark's FLOP count follows the
+    same segment and counts the backward's second key sweep unless the states are saved."""
+    import argparse
+
+    from hf_fastattn.bench import flop_count
+    from hf_fastattn.ops.poly import triton as pt
+
+    class Props:
+        total_memory = 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    assert pt.state_budget("cpu") == pt.STATE_BUDGET and pt.state_budget("meta") == pt.STATE_BUDGET
+    assert pt.state_budget("cuda:0") == 3 * 2**30
+    n = 2**18
+    small, full = (pt.auto_segment(1, 16, n, 128, 128, 64, 16, 2, budget) for budget in (3 * 2**30, pt.STATE_BUDGET))
+    assert small == 4 * full  # 256k tokens: 2048-token segments in 3 GiB, 512 in 10
+    Props.total_memory = 200 * 2**30
+    assert pt.state_budget("cuda") == pt.STATE_BUDGET
+    args = argparse.Namespace(device="cpu", dtype="bf16", degree=2, band=0, chunk=64, kernel="triton")
+    count = {save: flop_count(f"poly:chunk=64,save={save}", 1, 16, 16, n, 128, "fwdbwd", args) for save in (0, 1)}
+    r = FeatureMap.get(128, 2).r  # the benchmark counts the torch path's features, as for every poly schedule
+    assert count[0] - count[1] == pytest.approx(16 * 2.0 * r * 128 * n)  # one [r, N] x [N, D] product per head

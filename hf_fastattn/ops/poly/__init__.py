@@ -50,6 +50,7 @@ def poly_attention(
     kv_valid: torch.Tensor | None = None,
     feature_cap: int = 65536,
     kernel: str = "auto",
+    save_states: bool = False,
 ) -> torch.Tensor:
     """Causal polynomial attention: exp(x) -> P(x) beyond an exact band of `band` keys.
 
@@ -63,6 +64,8 @@ def poly_attention(
         feature_cap: the largest allowed feature count per head.
         kernel: "auto" (Triton on 16/32-bit CUDA tensors for degree 2 and D <= 128, else torch), "torch",
             "triton".
+        save_states: Triton only: keep the boundary prefix states from the forward for the backward (one
+            sweep less; up to 10 GiB per call held until the backward) instead of recomputing them.
 
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
@@ -77,12 +80,13 @@ def poly_attention(
     if kernel == "triton":
         from .triton import poly_triton_attention
 
-        return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+        return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, save_states=save_states)
     if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype):
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
-            return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid)
+            return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid,
+                                         save_states=save_states)
         except torch.OutOfMemoryError:  # not a kernel failure: the torch path would not fit either
             raise
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch

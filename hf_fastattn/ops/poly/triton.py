@@ -23,7 +23,9 @@ Same function as `chunk.py`, scheduled for tensor cores:
   `_direct_bwd_kv` takes the direct windows key-major (no atomics),
   `_far_bwd_dq` reads S, `_state_bwd` sweeps the query-side state U = sum_i phi_q(q_i) dNF_i^T in reverse,
   `_far_bwd_v` / `_far_bwd_k` read U per key block. State memory is B Hkv (N / segment) 9360 D (D = 128):
-  `segment` is chosen to keep it under a budget.
+  `segment` is chosen to keep it under a budget. Between forward and backward only q, k, v, out and two
+  floats per row are kept, as in FlashAttention: the backward reruns the key sweep (`save_states=True`
+  keeps the states instead, one sweep less for up to the budget per layer until the backward).
 
 Precision: dots of float32 inputs run on TF32 tensor cores (about 1e-3 relative, the tolerance of the GPU
 tests); 16-bit inputs feed bf16 dots (fp16 values would overflow in the states), products accumulate in
@@ -74,9 +76,10 @@ _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be con
 # next chunk's keys and values). With 1 stage no load is pipelined (`scripts/compile_poly.py` counts the
 # cp.async copies); 2 is the deepest whose readouts fit an H100's shared memory at D = 128 in 16-bit.
 TUNING = {"reshape": True, "bdv_read": 128, "bdv_state": 128, "key_major": True, "stages_read": 2, "stages_sweep": 3}
-# bytes of boundary states `segment="auto"` stays under: an H100's 80 GB / 8. The backward frees them before it
-# builds U (as large), so at 1M tokens, D = 128 a forward + backward peaks at 54 GiB with 4096-token segments
-# (`scripts/compile_poly.py --memory`); every halving of the segment halves the direct window's work
+# bytes of boundary states `segment="auto"` stays under: an H100's 80 GB / 8 (`state_budget`: an eighth of a
+# smaller GPU). The backward frees them before it builds U (as large), so at 1M tokens, D = 128 a forward +
+# backward peaks at 54 GiB with 4096-token segments (`scripts/compile_poly.py --memory`); every halving of the
+# segment halves the direct window's work
 STATE_BUDGET = 10 * 2**30
 
 
@@ -914,6 +917,15 @@ class _Plan:
                     num_warps=self.nw_far, num_stages=self.stages_sweep if sweep else self.stages_read, **extra)
 
 
+def state_budget(device) -> int:
+    """Bytes of boundary states `segment="auto"` may use on `device`: STATE_BUDGET, or an eighth of a smaller
+    GPU's memory (the states and U are each that large at the backward's peak, beside the inputs and gradients)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return STATE_BUDGET
+    return min(STATE_BUDGET, torch.cuda.get_device_properties(device).total_memory // 8)
+
+
 def auto_segment(b, hkv, nk, d, dv, chunk, tile, itemsize, budget=STATE_BUDGET):
     """Smallest power-of-two segment (>= 8 chunks, >= 512 tokens) whose boundary states fit `budget` bytes."""
     per_state = b * hkv * feature_rows(d, tile)[2] * (dv * itemsize + 4)
@@ -957,6 +969,7 @@ def _key_states(p, k, v, valid, ta, tb):
     st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=k.device)
     sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=k.device)
     if p.ns > 1:  # some query block reads a non-empty state
+        count("poly_triton.key_sweep")
         _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
             k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
             p.base, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
@@ -968,7 +981,8 @@ class PolyTritonFunction(torch.autograd.Function):
     """(q, k, v) -> out [B, H, Nq, Dv]. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, valid, bound, hasfar, scale, coeffs, band, chunk, softcap, tile, segment, rows):
+    def forward(ctx, q, k, v, valid, bound, hasfar, scale, coeffs, band, chunk, softcap, tile, segment, rows,
+                save_states):
         count("poly_triton.forward")
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         c0, c1, c2 = (float(c) for c in coeffs)
@@ -986,7 +1000,7 @@ class PolyTritonFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb)
         # not saved tensors: the backward drops them once read (it holds U next), a second one rebuilds them
-        ctx.states = (st, sd)
+        ctx.states = (st, sd) if save_states else None
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
         return out
 
@@ -1050,7 +1064,7 @@ class PolyTritonFunction(torch.autograd.Function):
         # one cast at a time: at 1M tokens each float32 gradient is gigabytes
         dq = dq.to(q.dtype)
         dk = dk.to(k.dtype)
-        return (dq, dk, dvv.to(v.dtype)) + (None,) * 11
+        return (dq, dk, dvv.to(v.dtype)) + (None,) * 12
 
 
 def default_rows(chunk: int, dtype: torch.dtype, d: int) -> int:
@@ -1062,15 +1076,18 @@ def default_rows(chunk: int, dtype: torch.dtype, d: int) -> int:
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=None):
+                          segment="auto", rows_per_block=None, save_states=False):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
     tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
-    stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 10 GiB). Keys
+    stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 10 GiB, or
+    an eighth of a smaller GPU). Keys
     after a query's boundary state are computed directly, so larger segments trade state memory for direct
     work. rows_per_block: query chunks per readout program, sharing each state slice it reads (1 or 2; None:
-    `default_rows`)."""
+    `default_rows`). save_states: keep the boundary states from the forward for the backward instead of
+    recomputing them there (saves one key sweep; holds up to the state budget per call until the backward,
+    which a many-layer model at long context cannot afford)."""
     if rows_per_block is None:
         rows_per_block = default_rows(chunk, q.dtype, max(q.shape[-1], v.shape[-1]))
     if tile not in (8, 16):
@@ -1096,7 +1113,7 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     hkv, nkp, dv = kp.shape[1], kp.shape[2], vp.shape[-1]
     if segment == "auto":
         item = 4 if q.dtype == torch.float32 else 2
-        segment = auto_segment(b, hkv, nkp, d, dv, chunk, tile, item)
+        segment = auto_segment(b, hkv, nkp, d, dv, chunk, tile, item, state_budget(q.device))
     if not isinstance(segment, int) or segment & (segment - 1) or segment < chunk * rows_per_block:
         raise ValueError(f"segment must be 'auto' or a power of two >= chunk_size * rows_per_block "
                          f"({chunk * rows_per_block}), got {segment!r}")
@@ -1106,5 +1123,5 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     hasfar = has_far_key(valid, slots, band).to(torch.int32).contiguous()
     out = PolyTritonFunction.apply(qp, kp, vp, valid.to(torch.int32).contiguous(), bound.float().contiguous(),
                                    hasfar, float(scale), tuple(float(c) for c in coeffs), int(band), int(chunk),
-                                   softcap, int(tile), int(segment), int(rows_per_block))
+                                   softcap, int(tile), int(segment), int(rows_per_block), bool(save_states))
     return out[:, :, :nq]
