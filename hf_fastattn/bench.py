@@ -153,9 +153,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def time_step(step, device, repeats, warmup):
+    """(median seconds, peak MiB above what was allocated before, finite?) of `step()`, which returns a tensor
+    to check for non-finite values."""
+    for _ in range(warmup):
+        step()
+    times, finite = [], True
+    _peak_reset(device)
+    before = _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        finite = finite and bool(torch.isfinite(out).all())
+        del out
+    peak = _peak_mb(device) - before
+    times.sort()
+    return times[len(times) // 2], max(peak, 0.0), finite
+
+
 def measure(fn, q, k, v, mode, repeats, warmup):
     """(median seconds, peak MiB above the inputs, finite?)."""
-    device = q.device
     leaves = [t.detach().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
     do = torch.randn_like(q)
 
@@ -169,22 +189,56 @@ def measure(fn, q, k, v, mode, repeats, warmup):
             t.grad = None
         return out.detach()
 
-    for _ in range(warmup):
-        once()
-    times, finite = [], True
-    _peak_reset(device)
-    before = _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = once()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        finite = finite and bool(torch.isfinite(out).all())
-        del out
-    peak = _peak_mb(device) - before
-    times.sort()
-    return times[len(times) // 2], max(peak, 0.0), finite
+    return time_step(once, q.device, repeats, warmup)
+
+
+def timed_row(row: dict, skip: set, args, device, timed) -> dict:
+    """`row` (keys: a label, "mode", "n") with ms, peak_mb, finite from `timed()` -> (seconds, peak MiB, finite).
+    A (label, mode) in `skip` is not run again; an error (out of memory, a kernel that does not compile for the
+    shape) is recorded in the row and skips the label's longer lengths, as does a time over --max-seconds."""
+    key = tuple(v for k, v in row.items() if k != "n")  # (label, mode)
+    if key in skip:
+        return dict(row, skipped=f"slower than --max-seconds {args.max_seconds} at a shorter length")
+    try:
+        sec, peak, finite = timed()
+    except Exception as err:
+        skip.add(key)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(row, error=f"{type(err).__name__}: {str(err)[:200]}")
+    if sec > args.max_seconds:
+        skip.add(key)
+    return dict(row, ms=sec * 1e3, peak_mb=peak, finite=finite)
+
+
+def compare(results: list, label: str, fit_points: int) -> dict:
+    """Adds speedup_vs_sdpa to every timed row (the rows whose `label` is "sdpa" at the same mode and length are
+    the reference) and returns the scaling exponents {label: {mode: slope}} over each one's longest lengths."""
+    sdpa = {(r["mode"], r["n"]): r["ms"] for r in results if r[label] == "sdpa" and "ms" in r}
+    for r in results:
+        if "ms" in r and (r["mode"], r["n"]) in sdpa:
+            r["speedup_vs_sdpa"] = sdpa[(r["mode"], r["n"])] / r["ms"]
+    exponents = {}
+    for name, mode in dict.fromkeys((r[label], r["mode"]) for r in results):
+        pts = [(r["n"], r["ms"]) for r in results if r[label] == name and r["mode"] == mode and "ms" in r]
+        if len(pts[-fit_points:]) >= 2:
+            exponents.setdefault(name, {})[mode] = scaling_exponent(*zip(*pts[-fit_points:]))
+    return exponents
+
+
+def save_report(report: dict, out: str, kind: str, dtype: str, print_table, plot, no_plot: bool) -> int:
+    """Print the table, write the JSON (default: benchmarks/results/<kind>-<device>-<dtype>-<date>.json) and,
+    unless no_plot, the PNG beside it."""
+    print_table(report)
+    path = Path(out) if out else Path("benchmarks/results") / (
+        f"{kind}-{report['env']['device_type']}-{dtype}-{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    if not no_plot:
+        plot(report, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    return 0
 
 
 def scaling_exponent(ns, ts) -> float:
@@ -244,40 +298,16 @@ def run(args) -> dict:
             fn = _method_fn(method, args)
             for mode in modes:
                 bar.update(1)
-                row = dict(method=method, mode=mode, n=n)
-                if (method, mode) in skip:
-                    row["skipped"] = f"slower than --max-seconds {args.max_seconds} at a shorter length"
-                    results.append(row)
-                    continue
-                try:
-                    sec, peak, finite = measure(fn, q, k, v, mode, args.repeats, args.warmup)
-                except Exception as err:  # OOM, or a kernel that does not compile for this shape: record it
-                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-                    skip.add((method, mode))
-                    results.append(row)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                flops = flop_count(method, b, h, hkv, n, d, mode, args)
-                row.update(ms=sec * 1e3, peak_mb=peak, finite=finite, flops=flops, tflops=flops / sec / 1e12)
+                row = timed_row(dict(method=method, mode=mode, n=n), skip, args, device,
+                                lambda: measure(fn, q, k, v, mode, args.repeats, args.warmup))
                 results.append(row)
-                bar.set_postfix_str(f"{method} {mode} n={n}: {sec * 1e3:.0f} ms")
-                if sec > args.max_seconds:
-                    skip.add((method, mode))
+                if "ms" in row:
+                    flops = flop_count(method, b, h, hkv, n, d, mode, args)
+                    row.update(flops=flops, tflops=flops / row["ms"] / 1e9)
+                    bar.set_postfix_str(f"{method} {mode} n={n}: {row['ms']:.0f} ms")
         del q, k, v
     bar.close()
-    # ratios to sdpa and exponents
-    sdpa = {(r["mode"], r["n"]): r["ms"] for r in results if r["method"] == "sdpa" and "ms" in r}
-    for r in results:
-        if "ms" in r and (r["mode"], r["n"]) in sdpa:
-            r["speedup_vs_sdpa"] = sdpa[(r["mode"], r["n"])] / r["ms"]
-    exponents = {}
-    for method in methods:
-        for mode in modes:
-            pts = [(r["n"], r["ms"]) for r in results if r["method"] == method and r["mode"] == mode and "ms" in r]
-            pts = pts[-args.fit_points:]
-            if len(pts) >= 2:
-                exponents.setdefault(method, {})[mode] = scaling_exponent([p[0] for p in pts], [p[1] for p in pts])
+    exponents = compare(results, "method", args.fit_points)
     config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "degree", "band",
                                               "chunk", "conv_k", "repeats", "kernel")}
     report = {"env": environment(device), "config": config, "results": results, "exponents": exponents}
@@ -359,14 +389,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    report = run(args)
-    print_table(report)
-    out = Path(args.out) if args.out else Path("benchmarks/results") / (
-        f"attention-{report['env']['device_type']}-{report['config']['dtype']}-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
-    if not args.no_plot:
-        plot(report, out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.png')}")
-    return 0
+    return save_report(run(args), args.out, "attention", args.dtype, print_table, plot, args.no_plot)

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time and memory of the attention ops vs torch SDPA (JSON + PNG)")
     bench.add_arguments(b)
     b.set_defaults(func=bench.main)
+
+    from . import bench_model
+
+    m = sub.add_parser("bench-model", help="training steps of a whole decoder (random weights), fastattn arms vs SDPA")
+    bench_model.add_arguments(m)
+    m.set_defaults(func=bench_model.main)
     return parser
 
 

@@ -30,9 +30,23 @@ def parse_arm(spec: str) -> tuple[str, dict | None]:
         key, _, value = item.partition("=")
         if key not in FastAttnConfig.__dataclass_fields__:
             raise ValueError(f"arm {spec!r}: unknown option {key!r}")
-        options[key] = type(getattr(FastAttnConfig(), key))(value)
+        options[key] = _option_value(spec, key, value)
     FastAttnConfig(**options)  # validates
     return spec, options
+
+
+def _option_value(spec: str, key: str, value: str):
+    """An arm's option text as the type of the option's default (bool("false") would be True)."""
+    kind = type(getattr(FastAttnConfig(), key))
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"arm {spec!r}: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ValueError(f"arm {spec!r}: {key} must be {what}, got {value!r}") from None
 
 
 def use_arm(model, options: dict | None) -> None:

@@ -185,7 +185,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     import hf_fastattn
-    from hf_fastattn.loading import load_model
+    from hf_fastattn.loading import enable_checkpointing, load_model
     from hf_fastattn.ops import stats
 
     if args.threads:
@@ -201,7 +201,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     if args.attn == "fastattn":
         hf_fastattn.configure(model, replace=True, **options)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         model.config.use_cache = False
     if args.lora:
         from peft import LoraConfig, get_peft_model

@@ -51,6 +51,14 @@ def load_model(name: str = "embedded", attn: str = "fastattn", dtype=torch.float
     return model, tokenizer
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward. transformers 5.x renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable (the old name warns and goes in v6); a release without the new name gets the
+    old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def read_text(path: str | None, split: str = "heldout") -> str:
     """A text file, or the embedded corpus split when no file is given."""
     if path:

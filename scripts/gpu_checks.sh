@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # What a session with a GPU owes the poly Triton kernels, in order; each part fits one 10-minute device call.
 # Output goes to $OUT (the device tool's output folder) or benchmarks/results/gpu. Needs torch + triton on
-# the machine (no install step: the GPU machines have them; transformers is not needed).
+# the machine (no install step: the GPU machines have them; transformers only for `model`).
 #   bash scripts/gpu_checks.sh tests      the gpu-marked tests: compiled kernels vs the float64 reference, bf16
 #                                         error against torch's own bf16 error
 #   bash scripts/gpu_checks.sh profile    per-kernel CUDA ms at 128k tokens, D = 128, of the default schedule and
 #                                         each alternative the defaults were chosen against without a GPU
 #   bash scripts/gpu_checks.sh bench D    fwd and fwd+bwd against SDPA (flash), bf16, H = 16, 4k .. 1M tokens,
 #                                         head dim D; JSON only (plot it here with hf_fastattn.bench.plot)
+#   bash scripts/gpu_checks.sh model      training steps of a 4-layer decoder (H = 16, D = 128) at 16k .. 128k:
+#                                         SDPA vs poly (states recomputed / saved) vs band; step ms, peak and
+#                                         held memory (needs transformers; plot with hf_fastattn.bench_model.plot)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -29,7 +32,12 @@ case "${1:-}" in
     python scripts/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim "$d" \
       --methods "$methods" --lengths 4096,16384,65536,131072,262144,1048576 --repeats 2 \
       --quiet --no-plot --out "$dest/attention-$(gpu)-bf16-d$d.json" ;;
+  model)
+    python -m hf_fastattn.cli bench-model --device cuda --dtype bf16 --layers 4 --heads 16 --head-dim 128 \
+      --intermediate 4096 --lengths 16384,65536,131072 --modes fwdbwd,fwd --repeats 2 \
+      --arms sdpa,poly,poly:poly_save_states=true,band:local_window=128 \
+      --quiet --no-plot --out "$dest/model-$(gpu)-bf16-d128.json" ;;
   *)
-    echo "usage: bash scripts/gpu_checks.sh tests | profile | bench HEAD_DIM" >&2
+    echo "usage: bash scripts/gpu_checks.sh tests | profile | bench HEAD_DIM | model" >&2
     exit 2 ;;
 esac

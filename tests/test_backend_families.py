@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache
 
 import hf_fastattn
+from hf_fastattn.loading import enable_checkpointing
 from hf_fastattn.testing import FAMILIES, WINDOW, model_pair, tiny_config
 
 ATOL = 1e-5
@@ -138,7 +139,7 @@ def test_chunked_prefill_bottom_right(pair):
 def test_gradient_checkpointing(pair):
     ref, new = pair
     new = copy.deepcopy(new)
-    new.gradient_checkpointing_enable()
+    enable_checkpointing(new)
     new.train()
     x = _tokens(2, N, 8)
     w = torch.randn(2, N, 97, generator=torch.Generator().manual_seed(9))

@@ -1,6 +1,6 @@
 """Smoke tests of the user's workflows on the embedded model: fine-tuning (1 and 2 CPU processes, resume,
 through fastattn's own backward), long-context evaluation, the offline perplexity metric, the CLI (demo,
-diagnose, bench). Each checks its outputs, not just that it ran."""
+diagnose, bench, bench-model). Each checks its outputs, not just that it ran."""
 
 import json
 import os
@@ -139,6 +139,44 @@ def test_cli_bench_json_schema(tmp_path):
     assert len(rows) == 12 and all(r["ms"] > 0 and "speedup_vs_sdpa" in r and r["finite"] for r in rows)
     assert set(rep["exponents"]) == {"sdpa", "poly", "conv:k=4"}
     assert (tmp_path / "b.png").exists()
+
+
+def test_cli_bench_model(tmp_path):
+    """Training steps of a random 2-layer decoder: every arm runs, through the op it names (call counters), and
+    computes the same loss as SDPA within its approximation (random weights: small logits, where poly holds)."""
+    out = _cli("bench-model", "--lengths", "160,320", "--layers", "2", "--heads", "2", "--head-dim", "16",
+               "--arms", "sdpa,exact,poly:local_window=16,poly:poly_save_states=true,band:local_window=16",
+               "--modes", "fwdbwd,fwd", "--repeats", "1", "--warmup", "0", "--quiet",
+               "--out", str(tmp_path / "m.json"))
+    assert "x sdpa" in out and "poly.backward 2" in out
+    rep = json.loads((tmp_path / "m.json").read_text())
+    rows = {(r["arm"], r["mode"], r["n"]): r for r in rep["results"]}
+    assert len(rows) == 20 and all(r["ms"] > 0 and r["finite"] and "speedup_vs_sdpa" in r for r in rows.values())
+    for n in (160, 320):
+        sdpa = rows["sdpa", "fwdbwd", n]
+        assert abs(sdpa["loss"] - torch.log(torch.tensor(256.0)).item()) < 0.3 and not sdpa["ops"]
+        assert abs(rows["exact", "fwdbwd", n]["loss"] - sdpa["loss"]) < 1e-5
+        assert rows["exact", "fwdbwd", n]["ops"] == {"exact.forward": 2, "exact.backward": 2}
+        for arm in ("poly:local_window=16", "poly:poly_save_states=true"):
+            assert abs(rows[arm, "fwdbwd", n]["loss"] - sdpa["loss"]) < 1e-3
+            assert rows[arm, "fwdbwd", n]["ops"] == {"poly.forward": 2, "poly.backward": 2}
+            assert rows[arm, "fwd", n]["ops"] == {"poly.forward": 2}
+    assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_parse_arm_options():
+    from hf_fastattn.evaluation import parse_arm
+
+    assert parse_arm("poly:poly_save_states=false,local_window=8")[1] == {
+        "method": "poly", "guard": "off", "poly_save_states": False, "local_window": 8}
+    assert parse_arm("poly:poly_save_states=true")[1]["poly_save_states"] is True
+    assert parse_arm("sdpa") == ("sdpa", None)
+    with pytest.raises(ValueError, match="poly_save_states must be true or false, got 'yes'"):
+        parse_arm("poly:poly_save_states=yes")
+    with pytest.raises(ValueError, match="local_window must be an integer, got '1.5'"):
+        parse_arm("poly:local_window=1.5")
+    with pytest.raises(ValueError, match="unknown option 'windw'"):
+        parse_arm("poly:windw=3")
 
 
 def test_cli_demo(tmp_path):

@@ -31,16 +31,23 @@ def naive_attention(q, k, v, scale, causal=True, window=None, softcap=None, kv_v
     return p @ v
 
 
-def _block_rows(b: int, h: int, nk: int, block: int) -> int:
+def _block_rows(b: int, h: int, nk: int, block: int, window: int | None = None) -> int:
     if block:
         return block
-    rows = _BLOCK_ELEMENTS // max(1, b * h * nk)
+    if window and window < nk:
+        # a block of R rows sees at most R + window keys: R near the window keeps the work near 2 N window (sized
+        # by all N keys, short inputs got one dense block)
+        rows = max(64, window)
+        while rows > 16 and b * h * rows * (rows + window) > _BLOCK_ELEMENTS:
+            rows //= 2
+    else:
+        rows = _BLOCK_ELEMENTS // max(1, b * h * nk)
     return int(max(16, min(4096, rows)))
 
 
 def _row_blocks(nq, nk, b, h, causal, window, block):
     """(r0, r1, lo, hi): query rows [r0, r1) and the key slots [lo, hi) they can see, skipping empty blocks."""
-    c = _block_rows(b, h, nk, block)
+    c = _block_rows(b, h, nk, block, window)
     for r0 in range(0, nq, c):
         r1 = min(nq, r0 + c)
         lo, hi = key_range(r0, r1, nk - nq, nk, causal, window)
