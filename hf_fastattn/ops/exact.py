@@ -3,13 +3,19 @@
 `exact_attention` processes query rows in blocks against only the key slots they can see (causal /
 sliding window), keeps the row log-sum-exp, and recomputes each block's probabilities in the backward
 (FlashAttention's recipe in plain torch), so neither direction ever holds an Nq x Nk matrix. It is the
-plumbing oracle of the backend and the fallback of the approximate methods.
+plumbing oracle of the backend and the fallback of the approximate methods. The plain case (full causal
+attention, no window, softcap or padding, default blocks) goes to torch's fused SDPA kernels instead, the same
+function at their speed, never to SDPA's math backend (which holds the Nq x Nk matrix).
 `naive_attention` is the dense quadratic reference of the same math, used by tests.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masks import acc_dtype, check_qkv, dense_mask, group_queries, key_range, repeat_kv, visible
 from .stats import count
@@ -144,6 +150,22 @@ class ExactAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+# SDPA kernels with memory linear in N (the CPU's fused kernel is its FLASH_ATTENTION backend)
+_FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def _fused_sdpa(q, k, v, scale):
+    """Causal attention (Nq == Nk, or one decoding row that sees every key) by torch's fused SDPA kernels, or
+    None where none of them takes the call (e.g. grouped K/V heads on a CUDA kernel without GQA support)."""
+    try:
+        with warnings.catch_warnings(), sdpa_kernel(_FUSED):
+            warnings.simplefilter("ignore")  # each kernel that declines says why
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+    except RuntimeError:
+        return None
+
+
 def exact_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,12 +186,18 @@ def exact_attention(
         causal, window: causal mask and sliding window (keys with 0 <= i - j < window visible).
         softcap: logits -> softcap * tanh(logits / softcap) before the softmax (Gemma2).
         kv_valid: [B, Nk] bool, False for padded key slots.
-        block: query rows per block (0: automatic).
+        block: query rows per block (0: automatic, and the plain causal case may run torch's fused SDPA).
 
     Returns:
         [B, H, Nq, D]; rows that see no key are 0.
     """
     check_qkv(q, k, v)
+    plain = causal and window is None and softcap is None and kv_valid is None and not block
+    if plain and q.shape[2] in (1, k.shape[2]):
+        out = _fused_sdpa(q, k, v, float(scale))
+        if out is not None:
+            count("exact.sdpa")
+            return out
     if kv_valid is not None:
         kv_valid = kv_valid.to(device=q.device, dtype=torch.bool)
     return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block)
