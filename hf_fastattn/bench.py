@@ -242,8 +242,8 @@ def save_report(report: dict, out: str, kind: str, dtype: str, print_table, plot
 
 
 def scaling_exponent(ns, ts) -> float:
-    """Least-squares slope of log t vs log n over the given points."""
-    if len(ns) < 2:
+    """Least-squares slope of log t vs log n over the given points (nan without two distinct lengths)."""
+    if len(set(ns)) < 2:
         return float("nan")
     xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

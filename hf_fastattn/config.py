@@ -84,7 +84,9 @@ class FastAttnConfig:
         _check_choice("conv_placement", self.conv_placement, CONV_PLACEMENTS)
         _check_int("degree", self.degree, 2)
         if not isinstance(self.poly_save_states, bool):
-            raise ValueError(f"fastattn_config['poly_save_states'] must be true or false; got {self.poly_save_states!r}")
+            raise ValueError(
+                f"fastattn_config['poly_save_states'] must be true or false; got {self.poly_save_states!r}"
+            )
         if self.degree % 2:
             raise ValueError(
                 f"fastattn_config['degree'] must be even (2, 4, 6, ...): an odd Taylor polynomial of exp goes "

@@ -1082,12 +1082,11 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
 
     tile: coordinates per quadratic feature tile (8 or 16; a tile is tile^2 features). segment: tokens between
     stored prefix states (a power of two, >= chunk * rows_per_block; "auto" keeps the states under 10 GiB, or
-    an eighth of a smaller GPU). Keys
-    after a query's boundary state are computed directly, so larger segments trade state memory for direct
-    work. rows_per_block: query chunks per readout program, sharing each state slice it reads (1 or 2; None:
-    `default_rows`). save_states: keep the boundary states from the forward for the backward instead of
-    recomputing them there (saves one key sweep; holds up to the state budget per call until the backward,
-    which a many-layer model at long context cannot afford)."""
+    an eighth of a smaller GPU). Keys after a query's boundary state are computed directly, so larger segments
+    trade state memory for direct work. rows_per_block: query chunks per readout program, sharing each state
+    slice it reads (1 or 2; None: `default_rows`). save_states: keep the boundary states from the forward for
+    the backward instead of recomputing them there (saves one key sweep; holds up to the state budget per call
+    until the backward, which a many-layer model at long context cannot afford)."""
     if rows_per_block is None:
         rows_per_block = default_rows(chunk, q.dtype, max(q.shape[-1], v.shape[-1]))
     if tile not in (8, 16):
