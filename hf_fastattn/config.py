@@ -46,7 +46,8 @@ class FastAttnConfig:
         poly_save_states: keep the Triton kernels' boundary prefix states from forward to backward (one key
             sweep less per backward, but up to 10 GiB per layer held until the backward at long context). Off:
             the backward recomputes them and a layer keeps only q, k, v, out and two floats per row, as
-            FlashAttention does. The torch path always recomputes.
+            FlashAttention does. The torch path always recomputes. Keep it off under non-reentrant activation
+            checkpointing: the states hang on the autograd node, outside the tensors checkpointing frees.
         conv_k: number of conv bases k.
         conv_T, conv_delta, conv_eps: the recovery search parameters of the conv-basis paper (a window
             of T diagonal entries, the threshold delta and the noise level eps).

@@ -155,6 +155,31 @@ def test_triton_gpu_bf16_vs_torch_error(n, d):
     assert (ours.double() - ref).abs().max() <= 2 * (torch_bf16.double() - ref).abs().max() + 1e-3
 
 
+@pytest.mark.gpu
+def test_triton_gpu_recomputed_states_hold_less():
+    """On the GPU: with the states recomputed (default) the forward leaves only its outputs and row stats
+    allocated, with save_states it also holds the states (at least `_key_states`' bytes more); the function is
+    the same (the VJPs' atomic adds may reorder float32 sums: gradients agree to bf16 rounding)."""
+    from hf_fastattn.ops.poly import triton as pt
+
+    (q, k, v), _ = _inputs(1, 4, 4, 4096, 4096, 128, False, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    coeffs, held, results = poly_coefficients(2), {}, {}
+    for save in (False, True):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = poly_triton_attention(q, k, v, 0.3, coeffs, 0, 64, segment=512, save_states=save)
+        held[save] = torch.cuda.memory_allocated() - before
+        results[save] = (out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+        del out
+    p = pt._Plan(q, k, v, 0, 64, pt.BA, 512, pt.default_rows(64, q.dtype, 128))
+    states = p.b * p.hkv * p.ns * p.nr * (p.dv * 2 + 4)
+    assert held[True] - held[False] >= states, (held, states)
+    assert torch.equal(results[False][0], results[True][0])
+    for a, b in zip(results[False][1:], results[True][1:]):
+        assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()
+
+
 @interpreted
 @pytest.mark.parametrize("reshape, key_major", [(False, True), (True, False)])
 def test_triton_tuning_knobs_agree(monkeypatch, reshape, key_major):
