@@ -5,6 +5,10 @@
 * `torch.empty` / `empty_like` return NaN-filled tensors (floating dtypes), so that an op that forgets to
   write part of its output fails loudly instead of passing on whatever memory held (fla's trick).
 * `gpu` marked tests are skipped without CUDA.
+* Two shims make Triton's interpreter (3.6 - 3.9) compute bfloat16 as a GPU does, so the 16-bit kernels (the
+  speed path) are tested on CPU: it keeps bf16 as uint16 and its `tl.dot` multiplied those integers (the shim
+  widens bf16 operands to float32, exactly: a bf16 MMA with float32 accumulation), and it converted float32 to
+  bf16 by truncation where a GPU rounds to nearest even (biased errors, ~2.5x a GPU's).
 """
 
 import os
@@ -38,6 +42,39 @@ def _nan_empty_like(*args, **kwargs):
 
 torch.empty = _nan_empty
 torch.empty_like = _nan_empty_like
+
+
+def _interpreter_bf16_dot():
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:  # no Triton: its tests skip
+        return
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:  # torch rounds to nearest even
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return interpreter.TensorHandle(data.view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_bf16_dot()
 
 
 def pytest_collection_modifyitems(config, items):

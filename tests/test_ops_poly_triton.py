@@ -82,6 +82,30 @@ def test_triton_schedules_agree(segment, rows, chunk):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", [8, 16])
+def test_triton_16bit_interpreted(dtype, tile):
+    """The speed path (16-bit inputs: bf16 dots, bf16 states, float32 accumulation) on CPU, through the
+    conftest shim for the interpreter's bf16 dot. flash-attention's rule against a float64 reference: the error
+    is at most 2x (3x for gradients) that of torch computing the same function in bf16, plus 1e-3. float16
+    inputs are held to the bf16 bound too: the kernels feed their dots bf16 (fp16 states would overflow)."""
+    (q, k, v), valid = _inputs(1, 4, 2, 100, 100, 24, True)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    args = (0.3, poly_coefficients(2), 5, 2.0, valid)
+    out = poly_triton_attention(q, k, v, args[0], args[1], args[2], 16, args[3], args[4], tile=tile, segment=32)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    bf_in = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    ref, bf = naive_poly_attention(*ref_in, *args), naive_poly_attention(*bf_in, *args)
+    do = torch.randn_like(ref)
+    assert out.dtype == dtype and out.abs().max() > 0
+    assert (out.double() - ref).abs().max() <= 2 * (bf.double() - ref).abs().max() + 1e-3
+    grads = zip(torch.autograd.grad(out, (q, k, v), do.to(dtype)), torch.autograd.grad(ref, ref_in, do),
+                torch.autograd.grad(bf, bf_in, do.bfloat16()))
+    for ours, exact, torch_bf16 in grads:
+        assert (ours.double() - exact).abs().max() <= 3 * (torch_bf16.double() - exact).abs().max() + 1e-3
+
+
+@interpreted
 def test_triton_large_logits_finite():
     (q, k, v), _ = _inputs(1, 2, 2, 48, 48, 16, False)
     q, k = q * 12, k * 12  # |s q.k| in the hundreds
