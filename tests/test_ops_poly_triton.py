@@ -106,6 +106,30 @@ def test_triton_16bit_interpreted(dtype, tile):
 
 
 @interpreted
+@pytest.mark.parametrize("tile", [8, 16])
+def test_triton_bf16_key_sweep_matches_float32(tile):
+    """The key sweep builds bf16 keys' tile features in bf16 and their denominator sums on the tensor cores:
+    the same exact products as the float32 sweep of the same values, so its boundary states must agree with
+    that sweep's, the denominators (float32) to float32 rounding and the bf16-stored numerators to bf16's
+    (the outputs alone cannot show this: their bf16 rounding is as large as a wrong denominator tile)."""
+    from hf_fastattn.ops.poly import triton as pt
+
+    (q, k, v), _ = _inputs(1, 2, 2, 160, 160, 24, False)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    valid = torch.ones(1, 160, dtype=torch.int32)
+    states = {}
+    for dt in (torch.bfloat16, torch.float32):
+        qq, kk, vv = q.to(dt), k.to(dt), v.to(dt)
+        p = pt._Plan(qq, kk, vv, 0, 16, tile, 32, 1)
+        ta, tb = pt._tiles(p.d, tile, kk.device)
+        states[dt] = [t.float() for t in pt._key_states(p, kk, vv, valid, ta, tb)]
+    (s16, sd16), (s32, sd32) = states[torch.bfloat16], states[torch.float32]
+    assert s32.abs().max() > 0 and sd32.abs().max() > 0 and s16.shape == s32.shape
+    assert (sd16 - sd32).abs().max() <= 1e-5 * sd32.abs().max()
+    assert (s16 - s32).abs().max() <= 2**-8 * s32.abs().max()
+
+
+@interpreted
 def test_triton_large_logits_finite():
     (q, k, v), _ = _inputs(1, 2, 2, 48, 48, 16, False)
     q, k = q * 12, k * 12  # |s q.k| in the hundreds

@@ -40,7 +40,7 @@ feature rows and no float32 [N, D + 1] buffers. Its schedule was read off the sm
 `scripts/compile_poly.py`, which compiles every launch as Triton specialises it: the measured kernels ran every
 feature-block loop unpipelined (num_stages=1) and spilled 4.2 KB at D = 128 (bf16); here every loop that loads is
 software-pipelined (`TUNING` stages_read / stages_sweep; `_launch` lowers the depth where a variant exceeds the
-GPU's shared memory), no kernel's wgmma is serialised, and only the key sweep spills (1.4 KB at D = 128, at
+GPU's shared memory), no kernel's wgmma is serialised, and only the key sweep spills (1.5 KB at D = 128, at
 segment boundaries). Direct-window blocks whose keys are all at least `band` before every row skip the band's
 masks and exponentials. At 1M tokens and D = 128 a forward + backward holds about 54 GiB (125 before: out of
 memory). Its GPU timings are owed.
@@ -68,8 +68,8 @@ BL = 16  # coordinates per linear block (the smallest bf16 tl.dot width)
 _BL = tl.constexpr(BL)  # the same, for jit code (globals read there must be constexpr)
 # Schedule knobs that do not change the function (benchmarks flip them): features flattened in registers or
 # gathered, value columns per program of the readouts and of the register-resident state sweeps (a sweep builds
-# the same features for every value block; at 64 the static model of `scripts/compile_poly.py` has the key sweep
-# issue-bound at 50 % of the tensor-core rate, at 128 MMA-bound, for 1.4 KB of spills outside its loop),
+# the same features for every value block; at 64 the static model of `scripts/compile_poly.py` had the key sweep
+# issue-bound at 50 % of the tensor-core rate, at 128 MMA-bound, before its bf16 features halved its loop),
 # key_major: the direct window's dk / dv in a key-major pass (stored) instead of atomic adds from the query
 # pass, and the software-pipelining depth of the loops of the
 # readouts (feature blocks: the next [F, BDV] state slice loads while this one multiplies) and of the sweeps (the
@@ -179,11 +179,11 @@ def _coef(a0, b0, c0, c1, c2, scale, D: tl.constexpr, BA_: tl.constexpr, LIN: tl
 
 
 @triton.jit
-def _coords(X, p_rows, a0, m_r, D: tl.constexpr, BA_: tl.constexpr):
-    """Coordinates a0 .. a0 + BA of x for a block of rows, [rows, BA] float32 (0 beyond D).
+def _coords(X, p_rows, a0, m_r, D: tl.constexpr, BA_: tl.constexpr, TY: tl.constexpr = tl.float32):
+    """Coordinates a0 .. a0 + BA of x for a block of rows, [rows, BA] as TY (0 beyond D).
     p_rows: [rows, 1] row pointers of X; m_r: [rows, 1] row mask."""
     o_a = tl.arange(0, BA_) + a0  # tensor first: a0 can be a constexpr (linear blocks, interpreter)
-    return tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(tl.float32)
+    return tl.load(X + p_rows + o_a[None, :], mask=m_r & (o_a[None, :] < D), other=0.0).to(TY)
 
 
 @triton.jit
@@ -347,13 +347,24 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
                     valid = tl.full([BT], 1.0, tl.float32)
                 p_k = i_b * s_kb + i_hk * s_kh + o_k[:, None] * s_kn
                 m_t = o_t[:, None] < BT
-                fk = _phi(K, p_k, a0, b0, m_t, valid[:, None], D, BA_, LIN, RESHAPE)
                 b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + o_k[:, None] * s_vn + o_e[None, :], mask=m_e, other=0.0)
-                b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
-                if i_e == 0 and LIN:  # a linear block's denominator terms are its features: sum fk, no reload
-                    b_sd += tl.sum(fk, 0)
-                elif i_e == 0:
-                    b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, D, BA_, LIN)
+                if (K.dtype.element_ty == tl.bfloat16) and (not LIN) and RESHAPE:
+                    # bf16 keys: a product of two bf16 values is exact in float32, so a tile's features multiplied
+                    # in bf16 are the float32 ones rounded once, as below, and its denominator sums the same exact
+                    # products on the tensor cores (float32 accumulation): no float32 widening of the loads, no
+                    # FMA-unit dot (the loop's instructions halve: `scripts/compile_poly.py`)
+                    xa = _coords(K, p_k, a0, m_t, D, BA_, tl.bfloat16)
+                    xb = _coords(K, p_k, b0, m_t, D, BA_, tl.bfloat16)
+                    b_s += tl.dot(tl.trans(tl.reshape(xa[:, :, None] * xb[:, None, :], (BT, BA_ * BA_))), b_v.to(DT))
+                    if i_e == 0:
+                        b_sd += tl.dot(tl.trans(xa), xb)
+                else:
+                    fk = _phi(K, p_k, a0, b0, m_t, valid[:, None], D, BA_, LIN, RESHAPE)
+                    b_s += tl.dot(tl.trans(fk.to(DT)), b_v.to(DT))
+                    if i_e == 0 and LIN:  # a linear block's denominator terms are its features: sum fk, no reload
+                        b_sd += tl.sum(fk, 0)
+                    elif i_e == 0:
+                        b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, D, BA_, LIN)
 
 
 @triton.jit
