@@ -122,7 +122,7 @@ def test_triton_bf16_key_sweep_matches_float32(tile):
         qq, kk, vv = q.to(dt), k.to(dt), v.to(dt)
         p = pt._Plan(qq, kk, vv, 0, 16, tile, 32, 1)
         ta, tb = pt._tiles(p.d, tile, kk.device)
-        states[dt] = [t.float() for t in pt._key_states(p, kk, vv, valid, ta, tb)]
+        states[dt] = [t.float() for t in pt._key_states(p, kk, vv, valid, ta, tb, (0.3, 0.5, 1.0, 0.25))]
     (s16, sd16), (s32, sd32) = states[torch.bfloat16], states[torch.float32]
     assert s32.abs().max() > 0 and sd32.abs().max() > 0 and s16.shape == s32.shape
     assert (sd16 - sd32).abs().max() <= 1e-5 * sd32.abs().max()

@@ -169,11 +169,11 @@ def _block(TA, TB, t, state, NR, BASE, BA_: tl.constexpr, F: tl.constexpr, LIN: 
 
 @triton.jit
 def _coef(a0, b0, c0, c1, c2, scale, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
-    """A block's feature weights (query side), the logit scale s included (features are of the unscaled q, k):
-    c2 s^2, 2 c2 s^2 off the diagonal (both orders of a coordinate pair); linear blocks c1 s, and c0 on the
-    constant coordinate D ([1, BL])."""
+    """A block's feature weights, the logit scale s included (features are of the unscaled q, k): c2 s^2, 2 c2 s^2
+    off the diagonal (both orders of a coordinate pair); linear blocks c1 s, and c0 on the constant coordinate D
+    ([BL]). The sweeps multiply them into the states they store (`_store_state`), so no feature carries one."""
     if LIN:
-        return tl.where(tl.arange(0, BA_) + a0 == D, c0, c1 * scale)[None, :]
+        return tl.where(tl.arange(0, BA_) + a0 == D, c0, c1 * scale)
     else:
         return tl.where(a0 == b0, c2, 2.0 * c2) * (scale * scale)
 
@@ -216,15 +216,19 @@ def _phi(X, p_rows, a0, b0, m_r, wa, D: tl.constexpr, BA_: tl.constexpr, LIN: tl
 
 
 @triton.jit
-def _phi_t(X, p_rows, a0, b0, m_r, wa, D: tl.constexpr, BA_: tl.constexpr):
-    """A tile's features of a block of rows times the scalar wa, transposed: [F, rows] float32, the outer
-    product of two [BA, rows] loads flattened in registers. Triton 3.6 (the H100 machine's) moved the [rows, F]
-    outer product of `_phi` into a readout's operand layout through shared memory one element at a time; built
-    this way it converts cheaply, or is staged in shared memory for the query sweep's transposed operand."""
+def _phi_t(X, p_rows, a0, b0, m_r, D: tl.constexpr, BA_: tl.constexpr):
+    """A tile's features of a block of rows, transposed: [F, rows], the outer product of two [BA, rows] loads
+    flattened in registers. Triton 3.6 (the H100 machine's) moved the [rows, F] outer product of `_phi` into a
+    readout's operand layout through shared memory one element at a time; built this way it converts cheaply, or
+    is staged in shared memory for the query sweep's transposed operand. float32, or bf16 for bf16 X: a product
+    of two bf16 values is exact in float32, so multiplied in bf16 it is the float32 feature rounded once (what
+    the dots take), at half the instructions (`scripts/compile_poly.py`: query sweep 552 -> 433 at D = 64)."""
     o_a = tl.arange(0, BA_)
     p_t, m_t = X + tl.trans(p_rows), tl.trans(m_r)
-    xa = tl.load(p_t + (a0 + o_a)[:, None], mask=m_t & ((a0 + o_a)[:, None] < D), other=0.0).to(tl.float32) * wa
-    xb = tl.load(p_t + (b0 + o_a)[:, None], mask=m_t & ((b0 + o_a)[:, None] < D), other=0.0).to(tl.float32)
+    xa = tl.load(p_t + (a0 + o_a)[:, None], mask=m_t & ((a0 + o_a)[:, None] < D), other=0.0)
+    xb = tl.load(p_t + (b0 + o_a)[:, None], mask=m_t & ((b0 + o_a)[:, None] < D), other=0.0)
+    if X.dtype.element_ty != tl.bfloat16:  # fp16 -> bf16 would round twice
+        xa, xb = xa.to(tl.float32), xb.to(tl.float32)
     return tl.reshape(xa[:, None, :] * xb[None, :, :], (BA_ * BA_, p_rows.shape[0]))
 
 
@@ -260,26 +264,40 @@ def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, wg, m_r, D: tl.constexpr, BA_: tl.c
 
 
 @triton.jit
-def _den_sum(X, p_rows, a0, b0, m_r, w, coef, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
-    """sum_r w_r coef phi(x_r), the denominator column of a state: [F] for linear blocks; for tiles the
-    [BA, BA] matrix coef sum_r w_r xa_r xb_r^T (feature order when flattened): one small float32 dot, so no
-    [rows, F] float32 feature block lives next to the bf16 one (it made the sweeps spill)."""
+def _den_sum(X, p_rows, a0, b0, m_r, w, D: tl.constexpr, BA_: tl.constexpr, LIN: tl.constexpr):
+    """sum_r w_r phi(x_r), the denominator column of a state: [F] for linear blocks; for tiles the [BA, BA]
+    matrix sum_r w_r xa_r xb_r^T (feature order when flattened): one small float32 dot, so no [rows, F] float32
+    feature block lives next to the bf16 one (it made the sweeps spill)."""
     if LIN:
-        return tl.sum(_phi(X, p_rows, a0, b0, m_r, coef * w[:, None], D, BA_, True, True), 0)
+        return tl.sum(_phi(X, p_rows, a0, b0, m_r, w[:, None], D, BA_, True, True), 0)
     else:
         xa = _coords(X, p_rows, a0, m_r, D, BA_) * w[:, None]
-        return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, D, BA_), input_precision="ieee") * coef
+        return tl.dot(tl.trans(xa), _coords(X, p_rows, b0, m_r, D, BA_), input_precision="ieee")
+
+
+@triton.jit
+def _split_bf16(x):
+    """x (float32) as hi + lo, both bf16: x to about 2^-17 of itself, for tensor-core dots of float32 precision."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
 def _den_rows(X, p_rows, a0, b0, m_r, SD, p_s, D: tl.constexpr, BA_: tl.constexpr):
     """A tile's phi(x_r) . SD per row ([rows]), as the quadratic form xa_r^T SD xb_r of its [BA, BA] matrix."""
     sdm = tl.load(SD + tl.reshape(p_s, (BA_, BA_)))
-    xa = _coords(X, p_rows, a0, m_r, D, BA_)
     xb = _coords(X, p_rows, b0, m_r, D, BA_)
     if BA_ < 16:  # Triton < 3.9 rejects dots with K < 16; BA^2 = 64 products per row are cheap without one
+        xa = _coords(X, p_rows, a0, m_r, D, BA_)
         return tl.sum(tl.sum(xa[:, :, None] * sdm[None, :, :], 1) * xb, 1)
+    elif X.dtype.element_ty == tl.bfloat16:
+        # bf16 coordinates are exact tensor-core operands and SD splits into two bf16 terms: two MMAs with float32
+        # accumulation instead of BA^2 FMAs per row on the FMA units (the readout loop's largest share)
+        xa = _coords(X, p_rows, a0, m_r, D, BA_, tl.bfloat16)
+        hi, lo = _split_bf16(sdm)
+        return tl.sum(tl.dot(xa, lo, tl.dot(xa, hi)) * xb, 1)
     else:
+        xa = _coords(X, p_rows, a0, m_r, D, BA_)
         return tl.sum(tl.dot(xa, sdm, input_precision="ieee") * xb, 1)
 
 
@@ -293,12 +311,19 @@ def _den_zeros(BA_: tl.constexpr, LIN: tl.constexpr):
 
 
 @triton.jit
-def _den_store(SD, p_s, value, BA_: tl.constexpr, LIN: tl.constexpr):
-    """Store a `_den_sum` at a block's rows of a denominator state."""
+def _store_state(S, SD, p_s, o_e, m_e, b_s, b_sd, coef, i_e, DV: tl.constexpr, BA_: tl.constexpr,
+                 DT: tl.constexpr, LIN: tl.constexpr):
+    """Store a sweep's state of one block times its weights coef (`_coef`; before the rounding to DT, so it
+    costs no precision): numerator b_s [F, BDV] at value columns o_e, and for value block 0 the float32
+    denominator b_sd (a `_den_sum`)."""
     if LIN:
-        tl.store(SD + p_s, value)
+        tl.store(S + p_s[:, None] * DV + o_e[None, :], (b_s * coef[:, None]).to(DT), mask=m_e)
+        if i_e == 0:
+            tl.store(SD + p_s, b_sd * coef)
     else:
-        tl.store(SD + tl.reshape(p_s, (BA_, BA_)), value)
+        tl.store(S + p_s[:, None] * DV + o_e[None, :], (b_s * coef).to(DT), mask=m_e)
+        if i_e == 0:
+            tl.store(SD + tl.reshape(p_s, (BA_, BA_)), b_sd * coef)
 
 
 @triton.jit
@@ -324,7 +349,7 @@ def _key_block(i_j, i_b, VALID, NK, R: tl.constexpr, BT: tl.constexpr):
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                NK, NS, NR, BASE, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                NK, NS, NR, BASE, scale, c0, c1, c2, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                 BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr,
                 RESHAPE: tl.constexpr):
     """Block t's key sweep (see `_state_fwd`)."""
@@ -335,9 +360,8 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
     b_sd = _den_zeros(BA_, LIN)
     for s in range(0, NS):
         a0, b0, p_s = _block(TA, TB, t, i_bh * NS + s, NR, BASE, BA_, F, LIN)
-        tl.store(S + p_s[:, None] * DV + o_e[None, :], b_s.to(DT), mask=m_e)
-        if i_e == 0:
-            _den_store(SD, p_s, b_sd, BA_, LIN)
+        _store_state(S, SD, p_s, o_e, m_e, b_s, b_sd, _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN), i_e, DV, BA_,
+                     DT, LIN)
         if s < NS - 1:
             for j in range(s * SEG, (s + 1) * SEG):
                 o_k = j * BT + o_t
@@ -364,48 +388,46 @@ def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh,
                     if i_e == 0 and LIN:  # a linear block's denominator terms are its features: sum fk, no reload
                         b_sd += tl.sum(fk, 0)
                     elif i_e == 0:
-                        b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, 1.0, D, BA_, LIN)
+                        b_sd += _den_sum(K, p_k, a0, b0, m_t, valid, D, BA_, LIN)
 
 
 @triton.jit
 def _state_fwd(
     K, V, VALID, TA, TB, S, SD,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    NK, HKV, NS, NT, NR, BASE,
+    NK, HKV, NS, NT, NR, BASE, scale, c0, c1, c2,
     SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr,
     DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     """Key sweep of feature block i_t (tiles, then linear blocks), value block i_e: stores
-    S_s = sum over chunks < s SEG of phi_k(k) v^T for every boundary s < NS ([F, BDV] float32 in registers,
-    stored as DT) and the denominator state SD_s = sum phi_k(k)."""
+    S_s = coef sum over chunks < s SEG of phi_k(k) v^T for every boundary s < NS ([F, BDV] float32 in registers,
+    stored as DT) and the denominator state SD_s = coef sum phi_k(k)."""
     i_t, i_bh, i_e = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     # (no tuple unpacking in jit code: the two calls spell out their arguments)
     if i_t < NT:
         _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    NK, NS, NR, 0, SEG, D, DV, BT, BDV, BA_, BA_ * BA_, DT, False, RESHAPE)
+                    NK, NS, NR, 0, scale, c0, c1, c2, SEG, D, DV, BT, BDV, BA_, BA_ * BA_, DT, False, RESHAPE)
     else:
         _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, i_t - NT, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    NK, NS, NR, BASE, SEG, D, DV, BT, BDV, _BL, _BL, DT, True, RESHAPE)
+                    NK, NS, NR, BASE, scale, c0, c1, c2, SEG, D, DV, BT, BDV, _BL, _BL, DT, True, RESHAPE)
 
 
 @triton.jit
-def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, scale, c0, c1, c2,
-                D: tl.constexpr, DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
+def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, D: tl.constexpr, DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
                 LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
-    coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
     b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
     if LIN or not RESHAPE:
-        fq = _phi(X, p_x, a0, b0, m_r, coef, D, BA_, LIN, RESHAPE)
+        fq = _phi(X, p_x, a0, b0, m_r, 1.0, D, BA_, LIN, RESHAPE)
         acc += tl.dot(fq.to(DT), b_s.to(DT))
     else:  # built transposed: 1480 -> 900 instructions per tile under Triton 3.6 (759 -> 770 under 3.9)
-        acc += tl.dot(tl.trans(_phi_t(X, p_x, a0, b0, m_r, coef, D, BA_).to(DT)), b_s.to(DT))
+        acc += tl.dot(tl.trans(_phi_t(X, p_x, a0, b0, m_r, D, BA_).to(DT)), b_s.to(DT))
     if LIN:
         den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
     else:
-        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, D, BA_) * coef
+        den += _den_rows(X, p_x, a0, b0, m_r, SD, p_s, D, BA_)
     return acc, den
 
 
@@ -470,11 +492,11 @@ def _fwd(
     # wgmma of the kernel (C7515, `scripts/compile_poly.py` reports it); the accumulator is a tensor-core zero
     # for the same reason (the tile loop keeps its wgmma in flight past its end)
     for t in range(0, tl.where(s > 0, NT, 0)):
-        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, scale,
-                                   c0, c1, c2, D, DV, BA_, BA_ * BA_, DT, False, RESHAPE)
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, 0, o_e, m_e, D, DV,
+                                   BA_, BA_ * BA_, DT, False, RESHAPE)
     for t in range(0, tl.where(s > 0, NL, 0)):
-        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, scale,
-                                   c0, c1, c2, D, DV, _BL, _BL, DT, True, RESHAPE)
+        b_acc, b_den = _read_block(b_acc, b_den, Q, p_q, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, D, DV,
+                                   _BL, _BL, DT, True, RESHAPE)
     # the keys after the boundary, directly: first those at least `band` before every row of the block, whose
     # weights P(x) take their e^{-m} with the state's below
     p_v = V + i_b * s_vb + i_hk * s_vh + o_e[None, :]
@@ -662,10 +684,9 @@ def _direct_bwd_kv(
 
 
 @triton.jit
-def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0, c1,
-              c2, D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
+def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
               F: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
-    """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of coef phi.
+    """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of phi.
     b_dnf: dNF_num's first BDV columns (dout FA, in the dot dtype), built once per program."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     g = tl.zeros([RB, F], tl.float32)  # (the denominator term added after the dots: a zero-initialised
@@ -675,15 +696,14 @@ def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, 
         b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=o_e[None, :] < DV, other=0.0)
         g += tl.dot(b_dn, tl.trans(b_s.to(DT)))
     g += fb[:, None] * tl.load(SD + p_s)[None, :]
-    coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
-    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, coef, m_r, D, BA_, BS, DT, LIN, RESHAPE)
+    _feature_vjp(Q, p_q, DQ, p_dq, a0, b0, g, 1.0, m_r, D, BA_, BS, DT, LIN, RESHAPE)
 
 
 @triton.jit
 def _far_bwd_dq(
     Q, DO, FA, FB, S, SD, TA, TB, DQ,
     s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
-    NQ, NK, H, G, NS, NT, NL, NR, BASE, scale, c0, c1, c2,
+    NQ, NK, H, G, NS, NT, NL, NR, BASE,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
     BDV: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, RESHAPE: tl.constexpr,
 ):
@@ -699,11 +719,11 @@ def _far_bwd_dq(
         # hoisted out of the feature blocks: 1170 -> 922 instructions per tile (Triton 3.6), 1240 -> 995 (3.9)
         b_dnf = _dout_times(DO, p_do, tl.arange(0, BDV), m_r, fa, DV, DT)
         for t in range(0, NT):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, scale, c0, c1,
-                      c2, D, DV, BDV, R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, 0, D, DV, BDV,
+                      R * BT, BA_, BA_ * BA_, BS, DT, False, RESHAPE)
         for t in range(0, NL):
-            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, scale, c0,
-                      c1, c2, D, DV, BDV, R * BT, _BL, _BL, BS, DT, True, RESHAPE)
+            _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, D, DV, BDV,
+                      R * BT, _BL, _BL, BS, DT, True, RESHAPE)
 
 
 @triton.jit
@@ -722,7 +742,6 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
     for ss in range(0, NS - 1):
         s = NS - 2 - ss
         a0, b0, p_u = _block(TA, TB, t, i_bh * (NS - 1) + s, NR, BASE, BA_, F, LIN)
-        coef = _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN)
         # the query chunks whose state is exactly s + 1 (bounds recomputed: a loop-carried bound miscompiles)
         lo = _first_reader(s + 1, C0, LAG, SEG, R)
         hi = tl.minimum(_first_reader(s + 2, C0, LAG, SEG, R), NC)
@@ -734,16 +753,15 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
                 p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
                 b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
                 if LIN or not RESHAPE:
-                    fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, coef, D, BA_, LIN, RESHAPE)
+                    fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, 1.0, D, BA_, LIN, RESHAPE)
                     b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
                 else:  # built transposed: 941 -> 665 instructions per chunk under Triton 3.6 (the same under 3.9)
-                    b_u += tl.dot(_phi_t(Q, p_q, a0, b0, o_t[:, None] < BT, coef, D, BA_).to(DT), b_dn.to(DT))
+                    b_u += tl.dot(_phi_t(Q, p_q, a0, b0, o_t[:, None] < BT, D, BA_).to(DT), b_dn.to(DT))
                 if i_e == 0:
-                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), coef, D,
-                                     BA_, LIN)
-        tl.store(U + p_u[:, None] * DV + o_e[None, :], b_u.to(DT), mask=m_e)
-        if i_e == 0:
-            _den_store(UD, p_u, b_ud, BA_, LIN)
+                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), D, BA_,
+                                     LIN)
+        _store_state(U, UD, p_u, o_e, m_e, b_u, b_ud, _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN), i_e, DV, BA_,
+                     DT, LIN)
 
 
 @triton.jit
@@ -974,8 +992,9 @@ def _launch(kernel, grid, *args, **meta):
             return
 
 
-def _key_states(p, k, v, valid, ta, tb):
-    """The boundary states (S [states, Dv] in the state dtype, SD [states] float32) of the key sweep."""
+def _key_states(p, k, v, valid, ta, tb, weights):
+    """The boundary states (S [states, Dv] in the state dtype, SD [states] float32) of the key sweep.
+    weights: (scale, c0, c1, c2), multiplied into the states."""
     n_s = p.b * p.hkv * p.ns * p.nr
     st = torch.empty(n_s if p.ns > 1 else 1, p.dv, dtype=p.state_dtype, device=k.device)
     sd = torch.empty(n_s if p.ns > 1 else 1, dtype=torch.float32, device=k.device)
@@ -983,7 +1002,7 @@ def _key_states(p, k, v, valid, ta, tb):
         count("poly_triton.key_sweep")
         _launch(_state_fwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
             k, v, valid, ta, tb, st, sd, *k.stride()[:3], *v.stride()[:3], p.nk, p.hkv, p.ns, p.nt, p.nr,
-            p.base, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
+            p.base, *weights, SEG=p.seg, BDV=p.bdv_state, **p.meta(sweep=True),
         )
     return st, sd
 
@@ -1001,7 +1020,7 @@ class PolyTritonFunction(torch.autograd.Function):
         m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
         den = torch.empty_like(m)
         ta, tb = _tiles(p.d, tile, q.device)
-        st, sd = _key_states(p, k, v, valid, ta, tb)
+        st, sd = _key_states(p, k, v, valid, ta, tb, (float(scale), c0, c1, c2))
         _launch(_fwd, (triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
             q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -1021,9 +1040,9 @@ class PolyTritonFunction(torch.autograd.Function):
         q, k, v, valid, out, m, den, ta, tb = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
-        st, sd = ctx.states or _key_states(p, k, v, valid, ta, tb)
-        ctx.states = None
         c0, c1, c2 = (float(c) for c in coeffs)
+        st, sd = ctx.states or _key_states(p, k, v, valid, ta, tb, (float(scale), c0, c1, c2))
+        ctx.states = None
         do = do.contiguous()  # same layout as out: the kernels share its strides
         fa, fb, dd = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
         # float32 gradients: the far kernels add to them (the direct passes write every row first, unless dk / dv
@@ -1050,7 +1069,7 @@ class PolyTritonFunction(torch.autograd.Function):
             nt, nl, nr, base = p.geometry()
             _launch(_far_bwd_dq, (nqb, p.b * p.h),
                 q, do, fa, fb, st, sd, ta, tb, dq, *q.stride()[:3], *out.stride()[:3], *dq.stride()[:3],
-                p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base, float(scale), c0, c1, c2,
+                p.nq, p.nk, p.h, p.g, p.ns, nt, nl, nr, base,
                 LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
             del st, sd  # before U: the two are the largest buffers (4.6 GiB each at 1M tokens, D = 128)
