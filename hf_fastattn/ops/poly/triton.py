@@ -4,7 +4,9 @@
 Same function as `chunk.py`, scheduled for tensor cores:
 
 * Feature blocks. P(s q.k) = c2 s^2 (q.k)^2 + c1 s q.k + c0 = sum over features phi_q(q) phi_k(k), features
-  of the unscaled q and k with the weights (scale included) on the query side only. Two kinds of blocks:
+  of the unscaled q and k; the weights (scale included) are multiplied into the stored states (S, U below) by
+  the sweeps, so every feature is a plain product of coordinates (exact in bf16 for bf16 inputs, which are
+  multiplied in bf16: half the instructions of a float32 build and round). Two kinds of blocks:
   quadratic tiles (A, B), A <= B, of BA x BA coordinates, F = BA^2 features x_a x_b (weight c2 s^2, or twice
   that off the diagonal: the symmetric half), built as the register outer product of two [rows, BA] loads;
   and linear blocks of BL = 16 coordinates of [x, 1], F = 16 features (weight c1 s, and c0 on the constant
@@ -30,8 +32,10 @@ Same function as `chunk.py`, scheduled for tensor cores:
 Precision: dots of float32 inputs run on TF32 tensor cores (about 1e-3 relative, the tolerance of the GPU
 tests); 16-bit inputs feed bf16 dots (fp16 values would overflow in the states), products accumulate in
 float32, and the boundary states are accumulated in float32 and stored in bf16 (the operand precision of the
-readout GEMM that consumes them). A tile's denominator column is kept as a [BA, BA] float32 matrix and
-updated / read with small full-precision float32 dots (sum_r w_r xa_r xb_r^T, xa^T SD xb).
+readout GEMM that consumes them). A tile's denominator column is kept as a [BA, BA] float32 matrix, updated /
+read with small dots of float32 precision (sum_r w_r xa_r xb_r^T, xa^T SD xb): on the FMA units, or for bf16
+inputs on the tensor cores, where bf16 coordinates are exact operands and a float32 factor enters as the sum of
+two bf16 terms (about 2^-17 of itself).
 
 Measured on an H100 with the previous layout (augmented [sqrt(s) x, sqrt|delta|] coordinates padded to 144,
 a torch epilogue; README, benchmarks/results/h100/*-segmented.json): 2.9x SDPA at 128k and 22.7x at 1M for
@@ -1007,6 +1011,36 @@ def _key_states(p, k, v, valid, ta, tb, weights):
     return st, sd
 
 
+def _readout(p, q, k, v, valid, bound, hasfar, ta, tb, st, sd, weights, band, softcap):
+    """`_fwd` over the key states: out [B, H, Nq, Dv] and the row shift m and denominator den ([B, H, Nq], float32;
+    all the backward keeps per row)."""
+    out = torch.empty(p.b, p.h, p.nq, p.dv, dtype=q.dtype, device=q.device)
+    m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
+    den = torch.empty_like(m)
+    _launch(_fwd, (triton.cdiv(p.nq, p.chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
+        q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), weights[0], int(band), *weights[1:],
+        float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
+        HAS_SOFTCAP=softcap is not None, **p.meta(),
+    )
+    return out, m, den
+
+
+def _query_states(p, q, do, fa, fb, ta, tb, weights):
+    """The reverse query sweep's states for key segments 0 .. NS - 2 (U [states, Dv] in the state dtype, UD
+    [states] float32). fa, fb: the far row factors of `_direct_bwd_q`; weights: (scale, c0, c1, c2)."""
+    n_u = p.b * p.hkv * (p.ns - 1) * p.nr
+    u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
+    ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
+    _launch(_state_bwd, (p.nt + p.nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
+        q, do, fa, fb, ta, tb, u, ud, *q.stride()[:3], *do.stride()[:3],
+        p.nq, p.nk, p.hkv, p.ns, p.nt, p.nr, p.base, *weights,
+        G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(sweep=True),
+    )
+    return u, ud
+
+
 class PolyTritonFunction(torch.autograd.Function):
     """(q, k, v) -> out [B, H, Nq, Dv]. See the module docstring."""
 
@@ -1015,19 +1049,10 @@ class PolyTritonFunction(torch.autograd.Function):
                 save_states):
         count("poly_triton.forward")
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
-        c0, c1, c2 = (float(c) for c in coeffs)
-        out = torch.empty(p.b, p.h, p.nq, p.dv, dtype=q.dtype, device=q.device)
-        m = torch.empty(p.b, p.h, p.nq, dtype=torch.float32, device=q.device)
-        den = torch.empty_like(m)
+        weights = (float(scale), *(float(c) for c in coeffs))
         ta, tb = _tiles(p.d, tile, q.device)
-        st, sd = _key_states(p, k, v, valid, ta, tb, (float(scale), c0, c1, c2))
-        _launch(_fwd, (triton.cdiv(p.nq, chunk * p.r), p.b * p.h, triton.cdiv(p.dv, p.bdv_fwd)),
-            q, k, v, valid, bound, hasfar, st, sd, ta, tb, out, m, den,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            p.nq, p.nk, p.h, p.g, p.ns, *p.geometry(), float(scale), int(band), c0, c1, c2,
-            float(softcap or 0.0), LAG=p.lag, SEG=p.seg, R=p.r, BD=p.bd, BDV=p.bdv_fwd,
-            HAS_SOFTCAP=softcap is not None, **p.meta(),
-        )
+        st, sd = _key_states(p, k, v, valid, ta, tb, weights)
+        out, m, den = _readout(p, q, k, v, valid, bound, hasfar, ta, tb, st, sd, weights, band, softcap)
         ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb)
         # not saved tensors: the backward drops them once read (it holds U next), a second one rebuilds them
         ctx.states = (st, sd) if save_states else None
@@ -1040,8 +1065,8 @@ class PolyTritonFunction(torch.autograd.Function):
         q, k, v, valid, out, m, den, ta, tb = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
-        c0, c1, c2 = (float(c) for c in coeffs)
-        st, sd = ctx.states or _key_states(p, k, v, valid, ta, tb, (float(scale), c0, c1, c2))
+        weights = (float(scale), *(float(c) for c in coeffs))
+        st, sd = ctx.states or _key_states(p, k, v, valid, ta, tb, weights)
         ctx.states = None
         do = do.contiguous()  # same layout as out: the kernels share its strides
         fa, fb, dd = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
@@ -1053,7 +1078,7 @@ class PolyTritonFunction(torch.autograd.Function):
                    for t in (k, v))
         direct = dict(LAG=p.lag, SEG=p.seg, R=p.r, D=p.d, DV=p.dv, BT=chunk, BD=p.bd, BDV=p.bdv,
                       HAS_SOFTCAP=softcap is not None, DT=p.dt, num_warps=p.nw_direct, num_stages=p.stages_direct)
-        scalars = (float(scale), int(band), c0, c1, c2, float(softcap or 0.0))
+        scalars = (weights[0], int(band), *weights[1:], float(softcap or 0.0))
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
         _launch(_direct_bwd_q, (p.nq // chunk, p.b * p.h),
             q, k, v, valid, out, do, m, den, fa, fb, dd, dq, dk, dvv, *strides, p.nq, p.nk, p.h, p.g, *scalars,
@@ -1073,14 +1098,7 @@ class PolyTritonFunction(torch.autograd.Function):
                 LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_read, BS=p.bs, **p.meta(),
             )
             del st, sd  # before U: the two are the largest buffers (4.6 GiB each at 1M tokens, D = 128)
-            n_u = p.b * p.hkv * (p.ns - 1) * nr
-            u = torch.empty(n_u, p.dv, dtype=p.state_dtype, device=q.device)
-            ud = torch.empty(n_u, dtype=torch.float32, device=q.device)
-            _launch(_state_bwd, (nt + nl, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_state)),
-                q, do, fa, fb, ta, tb, u, ud, *q.stride()[:3], *out.stride()[:3],
-                p.nq, p.nk, p.hkv, p.ns, nt, nr, base, float(scale), c0, c1, c2,
-                G=p.g, LAG=p.lag, SEG=p.seg, R=p.r, BDV=p.bdv_state, **p.meta(sweep=True),
-            )
+            u, ud = _query_states(p, q, do, fa, fb, ta, tb, weights)
             _launch(_far_bwd_v, (nkb, p.b * p.hkv, triton.cdiv(p.dv, p.bdv_read)),
                 k, valid, u, ta, tb, dvv, *k.stride()[:3], *dvv.stride()[:3], p.nk, p.hkv, p.ns, nt, nl, nr, base,
                 SEG=p.seg, R=p.r, BDV=p.bdv_read, **p.meta(),
