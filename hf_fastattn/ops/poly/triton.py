@@ -353,9 +353,9 @@ def _key_block(i_j, i_b, VALID, NK, R: tl.constexpr, BT: tl.constexpr):
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _sweep_keys(K, V, VALID, TA, TB, S, SD, i_bh, i_b, i_hk, t, i_e, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                NK, NS, NR, BASE, scale, c0, c1, c2, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-                BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr,
-                RESHAPE: tl.constexpr):
+                NK, NS, NR, BASE, scale, c0, c1, c2, SEG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                BT: tl.constexpr, BDV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
+                LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Block t's key sweep (see `_state_fwd`)."""
     o_t = tl.arange(0, BT)
     o_e = i_e * BDV + tl.arange(0, BDV)
@@ -418,8 +418,9 @@ def _state_fwd(
 
 
 @triton.jit
-def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, D: tl.constexpr, DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr,
-                LIN: tl.constexpr, RESHAPE: tl.constexpr):
+def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m_e, D: tl.constexpr,
+                DV: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr,
+                RESHAPE: tl.constexpr):
     """acc += phi_q(x) S_t, den += phi_q(x) . SD_t for feature block t of one boundary state."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
     b_s = tl.load(S + p_s[:, None] * DV + o_e[None, :], mask=m_e, other=0.0)
@@ -688,8 +689,9 @@ def _direct_bwd_kv(
 
 
 @triton.jit
-def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, D: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr,
-              F: tl.constexpr, BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
+def _dq_block(Q, p_q, DQ, p_dq, DO, p_do, b_dnf, fa, fb, m_r, S, SD, TA, TB, t, state, NR, BASE, D: tl.constexpr,
+              DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BA_: tl.constexpr, F: tl.constexpr,
+              BS: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Feature block t's part of dq: g = dNF_num S_t^T + dNF_den SD_t [rows, F], then the VJP of phi.
     b_dnf: dNF_num's first BDV columns (dout FA, in the dot dtype), built once per program."""
     a0, b0, p_s = _block(TA, TB, t, state, NR, BASE, BA_, F, LIN)
