@@ -205,8 +205,8 @@ def _phi(X, p_rows, a0, b0, m_r, wa, D: tl.constexpr, BA_: tl.constexpr, LIN: tl
          RESHAPE: tl.constexpr):
     """Features of a block of rows times wa, [rows, F] float32. Linear: [x, 1] (1 on coordinate D of rows in
     m_r). Quadratic: the outer product of two [rows, BA] loads flattened in registers (RESHAPE), or the
-    product of the two gathered [rows, F] factors. wa (a scalar, [rows, 1] or, linear, [1, BL]: feature weights,
-    row validity) multiplies the first factor: BA values per row instead of BA^2 features."""
+    product of the two gathered [rows, F] factors. wa (a scalar or [rows, 1]: row weights, validity)
+    multiplies the first factor: BA values per row instead of BA^2 features."""
     if LIN:
         o_a = tl.arange(0, BA_) + a0
         return tl.where((o_a[None, :] == D) & m_r, 1.0, _coords(X, p_rows, a0, m_r, D, BA_)) * wa
@@ -240,10 +240,10 @@ def _phi_t(X, p_rows, a0, b0, m_r, D: tl.constexpr, BA_: tl.constexpr):
 def _feature_vjp(X, p_x, G_, p_g, a0, b0, g, wg, m_r, D: tl.constexpr, BA_: tl.constexpr, BS: tl.constexpr,
                  DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Add d/dx of sum(wg g * phi(X rows)) to the same rows of G_ (the constant coordinate and the padding beyond
-    D are dropped). wg (feature weights, row validity: a scalar,
-    [rows, 1] or, linear, [1, BL]) scales the [rows, BA] coordinate gradients, not the [rows, F] g. Quadratic,
-    RESHAPE: g viewed as [rows, BA, BA] and summed against the partner block; else products with 0/1 selector
-    matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width) of the gathered factors."""
+    D are dropped). wg (a scalar or [rows, 1]: row validity) scales the [rows, BA] coordinate gradients, not the
+    [rows, F] g. Quadratic, RESHAPE: g viewed as [rows, BA, BA] and summed against the partner block; else
+    products with 0/1 selector matrices [F, BS] (BS = max(BA, 16), the smallest tl.dot width) of the gathered
+    factors."""
     o_a = tl.arange(0, BA_)
     if LIN:
         tl.atomic_add(G_ + p_g + (o_a + a0)[None, :], g * wg, mask=m_r & ((o_a + a0)[None, :] < D))
