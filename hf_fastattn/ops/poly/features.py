@@ -162,6 +162,19 @@ class FeatureMap:
 
     # -- forward
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.degree == 2 and not (x.requires_grad and torch.is_grad_enabled()):
+            # the chunk ops' path (explicit VJPs): slabs multiplied straight into one buffer, no parts + cat
+            # (the cat was 14 % of a CPU backward)
+            out = x.new_empty(*x.shape[:-1], self.r)
+            out[..., 0] = 1
+            out[..., 1 : 1 + self.d] = x
+            off = 1 + self.d
+            for i, bw in self.blocks:
+                n = bw * (self.d - i)
+                slab = out[..., off : off + n].unflatten(-1, (bw, -1))
+                torch.mul(x[..., i : i + bw, None], x[..., None, i:], out=slab)
+                off += n
+            return out
         parts = [torch.ones_like(x[..., :1]), x]
         if self.degree == 2:
             parts += [(x[..., i : i + bw, None] * x[..., None, i:]).flatten(-2) for i, bw in self.blocks]
