@@ -176,7 +176,10 @@ def hot_loop(sass: str, warps: int) -> dict:
     schedulers issue one warp instruction each per clock, and the MMAs run at the dense rate of `MMA_RATE`.
     `mma_bound` = MMA clocks / max(MMA, issue clocks) is the most of the tensor-core peak the loop can reach with
     one CTA per SM, before latencies, barriers and branches skipped inside it: a model of the code, not a
-    measurement."""
+    measurement. `loop_flop_per_byte`: those MMA FLOPs per byte the loop's global loads (cp.async LDGSTS, LDG;
+    all lanes of every warp, widths from the opcode) bring in. It leaves out L2 hits, so it says what an
+    iteration asks of L2: an H100 feeds roughly 180 FLOP per byte at its dense bf16 rate (989 TFLOP/s over
+    about 5.5 TB/s), and a loop below that cannot reach `mma_bound` where its loads come from L2."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, text in ins:
@@ -187,14 +190,19 @@ def hot_loop(sass: str, warps: int) -> dict:
     best = None
     for a, b in inner:
         body = [t for addr, t in ins if a <= addr <= b]
-        flops = 0
+        flops = raw = 0
         for m, n, k, kind in re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(\w+)", " ".join(body)):
+            raw += 2 * int(m) * int(n) * int(k) * (warps // 4)
             flops += 2 * int(m) * int(n) * int(k) * (warps // 4) / MMA_RATE.get(kind, 4096)  # in clocks
         if best is None or flops > best[0]:
-            best = (flops, body)
+            best = (flops, raw, body)
     if not best or not best[0]:
         return {}
-    mma_clk, body = best
+    mma_clk, raw, body = best
+    loaded = 0  # global bytes per iteration: width (bits in the opcode, else 32) x 32 lanes x warps
+    for op in re.findall(r"\b(?:LDGSTS|LDG)\b((?:\.\w+)*)", " ".join(body)):
+        bits = [int(w) for w in re.findall(r"\.(?:U|S)?(8|16|32|64|128)\b", op)]
+        loaded += (bits[-1] if bits else 32) // 8 * 32 * warps
     issue_clk = len(body) * warps / 4
 
     def count(pattern):
@@ -202,7 +210,8 @@ def hot_loop(sass: str, warps: int) -> dict:
 
     return {"loop_insts": len(body), "loop_mma_clk": round(mma_clk), "loop_issue_clk": round(issue_clk),
             "mma_bound": round(100 * mma_clk / max(mma_clk, issue_clk)), "loop_bar": count(r"\bBAR\.SYNC"),
-            "loop_fp32": count(r"\b(FFMA|FMUL|FADD)\b"), "loop_red": count(r"\b(RED|ATOM)\w*\.")}
+            "loop_fp32": count(r"\b(FFMA|FMUL|FADD)\b"), "loop_red": count(r"\b(RED|ATOM)\w*\."),
+            "loop_flop_per_byte": round(raw / loaded) if loaded else None}
 
 
 def _sass(cubin: bytes, arch: int) -> str:

@@ -349,17 +349,19 @@ def _compile_poly():
 def test_hot_loop_model_reads_sass():
     """The static issue model on a hand-written SASS listing: an outer loop holding two inner ones; the inner
     loop with the most HGMMA work is picked (not the longer one without MMAs), and its clocks follow from the
-    counts: 2 HGMMA 64x128x16 bf16 on 2 warpgroups = 4 x 262144 FLOP / 4096 per clock = 256; 8 instructions
-    x 8 warps / 4 = 16 issue clocks."""
+    counts: 2 HGMMA 64x128x16 bf16 on 2 warpgroups = 4 x 262144 FLOP / 4096 per clock = 256; 11 instructions
+    x 8 warps / 4 = 22 issue clocks; global loads 16 + 2 bytes x 32 lanes x 8 warps = 4608 B (LDGDEPBAR is no
+    load), 1048576 / 4608 = 228 FLOP per byte."""
     lines = ["/*0000*/ MOV R1, c[0x0][0x28] ;", "/*0010*/ S2R R0, SR_TID.X ;"]
-    body = ["LDS R2, [R3] ;", "FMUL R4, R2, R2 ;", "HGMMA.64x128x16.F32.BF16 R24, R112, gdesc[UR12], R24 ;",
+    body = ["LDS R2, [R3] ;", "LDGSTS.E.BYPASS.LTC128B.128 [R8], desc[UR4][R10.64] ;", "LDG.E.U16 R9, [R12] ;",
+            "LDGDEPBAR ;", "FMUL R4, R2, R2 ;", "HGMMA.64x128x16.F32.BF16 R24, R112, gdesc[UR12], R24 ;",
             "HGMMA.64x128x16.F32.BF16 R24, R116, gdesc[UR12], R24, gsb0 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;",
             "BAR.SYNC.DEFER_BLOCKING 0x0 ;", "FFMA R5, R4, R2, R5 ;"]
     addr = 0x20
     for text in body:
         lines.append(f"/*{addr:04x}*/ {text}")
         addr += 0x10
-    lines.append(f"/*{addr:04x}*/ @P0 BRA 0x20 ;")  # back edge of the MMA loop (8 instructions)
+    lines.append(f"/*{addr:04x}*/ @P0 BRA 0x20 ;")  # back edge of the MMA loop (11 instructions)
     start = addr = addr + 0x10
     for _ in range(20):  # a longer loop without MMAs
         lines.append(f"/*{addr:04x}*/ FADD R6, R6, R7 ;")
@@ -368,8 +370,8 @@ def test_hot_loop_model_reads_sass():
     lines.append(f"/*{addr + 0x10:04x}*/ @P2 BRA 0x20 ;")  # the outer loop around both
     cp = _compile_poly()
     row = cp.hot_loop("\n".join(lines), warps=8)
-    assert row == {"loop_insts": 8, "loop_mma_clk": 256, "loop_issue_clk": 16, "mma_bound": 100, "loop_bar": 1,
-                   "loop_fp32": 2, "loop_red": 0}, row
+    assert row == {"loop_insts": 11, "loop_mma_clk": 256, "loop_issue_clk": 22, "mma_bound": 100, "loop_bar": 1,
+                   "loop_fp32": 2, "loop_red": 0, "loop_flop_per_byte": 228}, row
     assert cp.hot_loop("/*0000*/ EXIT ;", warps=4) == {}  # no loop: no row
 
 
