@@ -427,7 +427,7 @@ def _read_block(acc, den, X, p_x, m_r, S, SD, TA, TB, t, state, NR, BASE, o_e, m
     if LIN or not RESHAPE:
         fq = _phi(X, p_x, a0, b0, m_r, 1.0, D, BA_, LIN, RESHAPE)
         acc += tl.dot(fq.to(DT), b_s.to(DT))
-    else:  # built transposed: 1480 -> 900 instructions per tile under Triton 3.6 (759 -> 770 under 3.9)
+    else:  # built transposed: 1480 -> 900 instructions per tile under Triton 3.6 when chosen (float32 features)
         acc += tl.dot(tl.trans(_phi_t(X, p_x, a0, b0, m_r, D, BA_).to(DT)), b_s.to(DT))
     if LIN:
         den += tl.sum(fq * tl.load(SD + p_s)[None, :], 1)
@@ -590,7 +590,8 @@ def _direct_bwd_q(
     o_q = kc * BT + o_t
     rows = i_c * BT + o_t
     b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + rows[:, None] * s_qn + o_d[None, :], mask=o_d[None, :] < D, other=0.0)
-    p_o = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on + o_dv[None, :]
+    p_r = i_b * s_ob + i_h * s_oh + rows[:, None] * s_on  # dout / out rows
+    p_o = p_r + o_dv[None, :]
     b_do = tl.load(DO + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)  # [BT, BDV]
     b_o = tl.load(O + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32)
     rden = _rcp(tl.load(DEN + i_bh * NQ + rows))
@@ -612,7 +613,7 @@ def _direct_bwd_q(
                                s_vn, NK, scale, band, c0, c1, c2, softcap, D, DV, BT, o_d, o_dv, HAS_SOFTCAP, DT,
                                ATOMIC_KV, True)
     # dout reloaded (L2): one [BT, DV] operand live per loop (keeping both spilled under Triton 3.9)
-    b_dn = (tl.load(DO + p_o, mask=o_dv[None, :] < DV, other=0.0).to(tl.float32) * rden[:, None]).to(DT)
+    b_dn = _dout_times(DO, p_r, o_dv, o_t[:, None] < BT, rden, DV, DT)  # (every row of a chunk is a query row)
     for kb in range(kfar, kc + 1):
         b_dq = _direct_q_block(b_dq, b_q, K, V, VALID, DK, DV_, k_off, v_off, i_b, kb, o_q, b_m, b_dn, b_dd, s_kn,
                                s_vn, NK, scale, band, c0, c1, c2, softcap, D, DV, BT, o_d, o_dv, HAS_SOFTCAP, DT,
@@ -739,6 +740,7 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
                    BA_: tl.constexpr, F: tl.constexpr, DT: tl.constexpr, LIN: tl.constexpr, RESHAPE: tl.constexpr):
     """Block t's reverse query sweep (see `_state_bwd`)."""
     o_t = tl.arange(0, BT)
+    m_t = o_t[:, None] < BT  # every row of a chunk is a query row
     o_e = i_e * BDV + tl.arange(0, BDV)
     m_e = o_e[None, :] < DV
     NC = NK // BT
@@ -756,16 +758,15 @@ def _sweep_queries(Q, DO, FA, FB, TA, TB, U, UD, i_bh, i_b, i_hk, t, i_e, s_qb, 
             for g in tl.static_range(G):
                 i_h = i_b * H + i_hk * G + g  # flat (batch, head) of the [B, H, NQ] row factors
                 p_q = i_b * s_qb + (i_hk * G + g) * s_qh + rows[:, None] * s_qn
-                p_do = DO + i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on + o_e[None, :]
-                b_dn = tl.load(p_do, mask=m_e, other=0.0).to(tl.float32) * tl.load(FA + i_h * NQ + rows)[:, None]
+                p_do = i_b * s_ob + (i_hk * G + g) * s_oh + rows[:, None] * s_on
+                b_dn = _dout_times(DO, p_do, o_e, m_t, tl.load(FA + i_h * NQ + rows), DV, DT)
                 if LIN or not RESHAPE:
-                    fq = _phi(Q, p_q, a0, b0, o_t[:, None] < BT, 1.0, D, BA_, LIN, RESHAPE)
-                    b_u += tl.dot(tl.trans(fq.to(DT)), b_dn.to(DT))
-                else:  # built transposed: 941 -> 665 instructions per chunk under Triton 3.6 (the same under 3.9)
-                    b_u += tl.dot(_phi_t(Q, p_q, a0, b0, o_t[:, None] < BT, D, BA_).to(DT), b_dn.to(DT))
+                    fq = _phi(Q, p_q, a0, b0, m_t, 1.0, D, BA_, LIN, RESHAPE)
+                    b_u += tl.dot(tl.trans(fq.to(DT)), b_dn)
+                else:  # built transposed: 941 -> 665 instructions per chunk under Triton 3.6 when chosen
+                    b_u += tl.dot(_phi_t(Q, p_q, a0, b0, m_t, D, BA_).to(DT), b_dn)
                 if i_e == 0:
-                    b_ud += _den_sum(Q, p_q, a0, b0, o_t[:, None] < BT, tl.load(FB + i_h * NQ + rows), D, BA_,
-                                     LIN)
+                    b_ud += _den_sum(Q, p_q, a0, b0, m_t, tl.load(FB + i_h * NQ + rows), D, BA_, LIN)
         _store_state(U, UD, p_u, o_e, m_e, b_u, b_ud, _coef(a0, b0, c0, c1, c2, scale, D, BA_, LIN), i_e, DV, BA_,
                      DT, LIN)
 
