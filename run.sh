@@ -6,14 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${HF_FASTATTN_VENV:-.venv}
+PINS=${HF_FASTATTN_PINS:-}  # extra requirements installed with the package, e.g. "transformers==5.17.0" (CI's floor)
 PY="$VENV/bin/python"
-stamp="$VENV/.hf-fastattn-$(sha1sum pyproject.toml | cut -c1-12)"
+stamp="$VENV/.hf-fastattn-$( (cat pyproject.toml; echo "$PINS") | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # Pin torch first: on these machines torch==2.13.0 is a local CPU wheel, a bare range pulls CUDA (GBs).
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==${HF_FASTATTN_TORCH:-2.13.0}"
-  "$PY" -m pip install -q -e ".[test]"
+  # shellcheck disable=SC2086  # PINS is a list of requirements
+  "$PY" -m pip install -q -e ".[test]" $PINS
   touch "$stamp"
 fi
 cmd=${1:-demo}

@@ -70,6 +70,21 @@ def model_pair(config, attn: str = "fastattn", reference: str = "eager", seed: i
     return ref.eval(), new.eval()
 
 
+def cached_forward(model, input_ids, cache):
+    """model(input_ids) appending to `cache`, checked to have been used. transformers renamed the forward's cache
+    argument (past_key_values -> cache, between 5.17 and 5.24) and silently drops a keyword it does not know:
+    under the other name a "decode" step would be a fresh forward of the new tokens alone."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    before = cache.get_seq_length()
+    out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+    if cache.get_seq_length() != before + input_ids.shape[1]:
+        raise RuntimeError(f"the cache was not used: {before} -> {cache.get_seq_length()} slots after "
+                           f"{input_ids.shape[1]} tokens")
+    return out
+
+
 def shrink_logits(model, factor: float) -> None:
     """Scale every attention logit by factor**2 (q/k projections, or the q/k norms that follow them)."""
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 
 import hf_fastattn
 from hf_fastattn import backend
-from hf_fastattn.testing import FAMILIES, model_pair, packing_error, tiny_config
+from hf_fastattn.testing import FAMILIES, cached_forward, model_pair, packing_error, tiny_config
 
 N = 40
 
@@ -64,10 +64,10 @@ def test_decode_without_prefill_state_is_exact_and_says_so():
     x = _tokens(1, N, 2)
     cache = DynamicCache(config=ref.config)
     with torch.no_grad():
-        ref(input_ids=x[:, :-1], cache=cache, use_cache=True)  # the cache is filled by another model
+        cached_forward(ref, x[:, :-1], cache)  # the cache is filled by another model
         backend._warned.clear()
         with pytest.warns(RuntimeWarning, match="no conv basis from a prefill"):
-            out = model(input_ids=x[:, -1:], cache=cache, use_cache=True).logits
+            out = cached_forward(model, x[:, -1:], cache).logits
         expected = ref(input_ids=x).logits[:, -1:]
     assert (out - expected).abs().max().item() < 1e-4
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Dynam
 
 import hf_fastattn
 from hf_fastattn.loading import enable_checkpointing
-from hf_fastattn.testing import FAMILIES, WINDOW, model_pair, tiny_config
+from hf_fastattn.testing import FAMILIES, WINDOW, cached_forward, model_pair, tiny_config
 
 ATOL = 1e-5
 N = 3 * WINDOW + 7  # longer than the sliding window, not a multiple of anything
@@ -131,8 +131,8 @@ def test_chunked_prefill_bottom_right(pair):
     for model in (ref, new):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=x[:, :N], cache=cache, use_cache=True)
-            outs.append(model(input_ids=x[:, N:], cache=cache, use_cache=True).logits)
+            cached_forward(model, x[:, :N], cache)
+            outs.append(cached_forward(model, x[:, N:], cache).logits)
     assert (outs[0] - outs[1]).abs().max().item() < ATOL
 
 
