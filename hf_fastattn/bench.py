@@ -226,14 +226,32 @@ def compare(results: list, label: str, fit_points: int) -> dict:
     return exponents
 
 
-def save_report(report: dict, out: str, kind: str, dtype: str, print_table, plot, no_plot: bool) -> int:
-    """Print the table, write the JSON (default: benchmarks/results/<kind>-<device>-<dtype>-<date>.json) and,
-    unless no_plot, the PNG beside it."""
-    print_table(report)
-    path = Path(out) if out else Path("benchmarks/results") / (
-        f"{kind}-{report['env']['device_type']}-{dtype}-{datetime.date.today().isoformat()}.json")
+def report_path(out: str, kind: str, device: str, dtype: str) -> Path:
+    """--out, or benchmarks/results/<kind>-<device type>-<dtype>-<date>.json."""
+    if out:
+        return Path(out)
+    date = datetime.date.today().isoformat()
+    return Path("benchmarks/results") / f"{kind}-{torch.device(device).type}-{dtype}-{date}.json"
+
+
+def write_json(report: dict, path: Path) -> None:
+    """Write the report whole or not at all (a run killed mid-write keeps the previous checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+
+
+def checkpoint_to(path: Path):
+    """A `run(..., checkpoint=)` callback writing each length's report so far to `path`, marked partial: a run cut
+    off by a time limit (a GPU session's device call) still leaves every length it finished."""
+    return lambda report: write_json(dict(report, partial=f"lengths through {report['results'][-1]['n']}"), path)
+
+
+def save_report(report: dict, path: Path, print_table, plot, no_plot: bool) -> int:
+    """Print the table, write the JSON to `path` (`report_path`) and, unless no_plot, the PNG beside it."""
+    print_table(report)
+    write_json(report, path)
     print(f"wrote {path}")
     if not no_plot:
         plot(report, path.with_suffix(".png"))
@@ -276,7 +294,8 @@ def environment(device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run(args) -> dict:
+def run(args, checkpoint=None) -> dict:
+    """The attention benchmark; `checkpoint(report so far)` after each length, if given."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
@@ -306,12 +325,17 @@ def run(args) -> dict:
                     row.update(flops=flops, tflops=flops / row["ms"] / 1e9)
                     bar.set_postfix_str(f"{method} {mode} n={n}: {row['ms']:.0f} ms")
         del q, k, v
+        if checkpoint:
+            checkpoint(_report(args, device, results))
     bar.close()
-    exponents = compare(results, "method", args.fit_points)
+    return _report(args, device, results)
+
+
+def _report(args, device, results) -> dict:
     config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "degree", "band",
                                               "chunk", "conv_k", "repeats", "kernel")}
-    report = {"env": environment(device), "config": config, "results": results, "exponents": exponents}
-    return report
+    exponents = compare(results, "method", args.fit_points)
+    return {"env": environment(device), "config": config, "results": results, "exponents": exponents}
 
 
 def print_table(report) -> None:
@@ -389,4 +413,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    return save_report(run(args), args.out, "attention", args.dtype, print_table, plot, args.no_plot)
+    path = report_path(args.out, "attention", args.device, args.dtype)
+    return save_report(run(args, checkpoint_to(path)), path, print_table, plot, args.no_plot)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import DTYPES, _sync, compare, environment, save_report, time_step, timed_row
+from .bench import (DTYPES, _sync, checkpoint_to, compare, environment, report_path, save_report, time_step,
+                    timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
 from .ops import stats
@@ -66,7 +67,8 @@ def _step_fn(model, ids, mode, seen):
     return step
 
 
-def run(args) -> dict:
+def run(args, checkpoint=None) -> dict:
+    """Training (or forward) steps of one model per length and arm; `checkpoint(report so far)` after each length."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,12 +114,17 @@ def run(args) -> dict:
                 bar.set_postfix_str(f"{label} {mode} n={n}: {row['ms']:.0f} ms")
         del ids
         _sync(device)
+        if checkpoint:
+            checkpoint(_report(args, device, model, weights, results))
     bar.close()
-    exponents = compare(results, "arm", 3)
+    return _report(args, device, model, weights, results)
+
+
+def _report(args, device, model, weights, results) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in ("func", "out", "quiet", "no_plot", "command")}
     config.update(hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
                   weights_mb=weights / 2**20)
-    return {"env": environment(device), "config": config, "results": results, "exponents": exponents}
+    return {"env": environment(device), "config": config, "results": results, "exponents": compare(results, "arm", 3)}
 
 
 def print_table(report) -> None:
@@ -204,4 +211,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    return save_report(run(args), args.out, "model", args.dtype, print_table, plot, args.no_plot)
+    path = report_path(args.out, "model", args.device, args.dtype)
+    return save_report(run(args, checkpoint_to(path)), path, print_table, plot, args.no_plot)

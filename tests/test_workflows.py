@@ -138,7 +138,31 @@ def test_cli_bench_json_schema(tmp_path):
     rows = [r for r in rep["results"] if "ms" in r]
     assert len(rows) == 12 and all(r["ms"] > 0 and "speedup_vs_sdpa" in r and r["finite"] for r in rows)
     assert set(rep["exponents"]) == {"sdpa", "poly", "conv:k=4"}
+    assert "partial" not in rep and not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "b.png").exists()
+
+
+def test_bench_checkpoints_each_length(tmp_path):
+    """A run cut off by a time limit keeps every finished length: the JSON is rewritten after each one, marked
+    partial, with the same schema as the final report."""
+    import argparse
+
+    from hf_fastattn import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--lengths", "128,256", "--methods", "sdpa,poly", "--modes", "fwd", "--repeats", "1",
+                         "--warmup", "0", "--quiet", "--device", "cpu"])
+    path, seen = tmp_path / "a.json", []
+
+    def checkpoint(report):
+        bench.checkpoint_to(path)(report)
+        seen.append(json.loads(path.read_text()))
+
+    final = bench.run(args, checkpoint)
+    assert [sorted({r["n"] for r in rep["results"]}) for rep in seen] == [[128], [128, 256]]
+    assert seen[0]["partial"] == "lengths through 128" and "speedup_vs_sdpa" in seen[0]["results"][1]
+    assert seen[1]["results"] == json.loads(json.dumps(final["results"])) and "partial" not in final
 
 
 def test_cli_bench_model(tmp_path):
