@@ -210,3 +210,24 @@ def test_cli_demo(tmp_path):
     assert "plumbing check" in out and "ppl@160" in out and "poly" in out and "band" in out
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["arms"]["poly"]["op_calls"].get("poly.backward", 0) > 0
+
+
+def test_poly_targets_script(capsys):
+    """scripts/poly_targets.py on the H100 run kept in the repo: the rates docs/poly-triton.md quotes (section 2;
+    they move with the kernels' feature layout, and so must the page)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import poly_targets
+
+    path = ROOT / "benchmarks" / "results" / "h100" / "attention-h100-bf16-d128-segmented.json"
+    rows = {r["n"]: r for r in poly_targets.rows(json.loads(path.read_text()))}
+    at128k, at1m = rows[131072], rows[1048576]
+    assert at128k["target"] == 5 and at1m["target"] == 30 and rows[65536]["target"] == 1
+    assert round(at128k["recomputed"]["needs_tflops"]) == 371 and round(at128k["saved"]["needs_tflops"]) == 320
+    assert round(at1m["recomputed"]["needs_tflops"]) == 332 and round(at1m["saved"]["needs_tflops"]) == 294
+    rc = at128k["recomputed"]
+    assert rc["needs_tflops"] * at128k["sdpa_ms"] / 1e3 / 5 == pytest.approx(rc["tflop"])
+    assert rc["flop_ratio"] == pytest.approx(7.2, abs=0.05) and at128k["saved"]["tflop"] < rc["tflop"]
+    assert at128k["measured"][0]["ratio"] == pytest.approx(1.2157, rel=1e-3)
+    assert "measured" not in at1m  # the old layout ran out of memory there
+    poly_targets.main([str(path)])
+    assert "| 128 | 131072 | 461.6 ms |" in capsys.readouterr().out
