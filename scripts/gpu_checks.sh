@@ -11,6 +11,9 @@
 #   bash scripts/gpu_checks.sh model      training steps of a 4-layer decoder (H = 16, D = 128) at 16k .. 128k:
 #                                         SDPA vs poly (states recomputed / saved) vs band; step ms, peak and
 #                                         held memory (needs transformers; plot with hf_fastattn.bench_model.plot)
+# bench and model rewrite their JSON after every length: a call cut off at its time limit keeps what finished.
+# Then, on the CPU machine: scripts/poly_targets.py on the bench JSON (the rate each target needs beside the rate
+# reached) and docs/poly-triton.md section 7.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
