@@ -303,8 +303,15 @@ def run(args, fastattn_override: dict | None = None) -> dict:
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(out / "final")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    # Drop the DDP wrapper before the process group goes. Otherwise its Reducer holds the last reference to the gloo
+    # group and destroys it on the main thread with the GIL held. That destructor joins gloo's worker threads,
+    # and a worker still freeing the final barrier's work needs the GIL: the rank hangs after its last line (seen
+    # in 2-process CPU runs; pytorch/pytorch#56297). Dropped here, destroy_process_group ends the group, and its
+    # binding releases the GIL first.
+    model = acc.unwrap_model(model)
+    acc.free_memory()  # the accelerator's own references to the wrapper; collects garbage
     acc.end_training()
-    metrics["model"] = acc.unwrap_model(model)
+    metrics["model"] = model
     return metrics
 
 
