@@ -8,6 +8,11 @@ slots from L on are empty static-cache slots (the convention of transformers' Fl
 are sliced away and the queries are the last Nq of the L filled slots.
 Packed sequences (`cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
 so that no method lets state or attention cross a sequence boundary.
+
+Under `torch.compile` both functions are opaque to dynamo (`torch.compiler.disable`): each attention call is one
+graph break and runs eagerly, with its own autograd Functions and Triton kernels, while the model around it
+compiles. Traced, their host-side decisions (guard statistics, finite checks, packing detection) broke graphs
+anyway and specialised on float values, so a layer recompiled on every call until dynamo's limit.
 """
 
 from __future__ import annotations
@@ -152,6 +157,7 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
 
 
 # ----------------------------------------------------------------------------------------------- mask
+@torch.compiler.disable  # host-side shape checks; see the module docstring
 def fastattn_mask(
     batch_size: int,
     q_length: int,
@@ -235,6 +241,7 @@ def _repack(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, b: int, n
 
 
 # ------------------------------------------------------------------------------------------- backend
+@torch.compiler.disable  # one graph break per layer under torch.compile; see the module docstring
 def fastattn_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -147,6 +147,39 @@ def test_gradient_checkpointing(pair):
     _assert_same(_loss_and_grads(ref, w, valid, input_ids=x), _loss_and_grads(new, w, valid, input_ids=x))
 
 
+@pytest.mark.parametrize("family,method", [("llama", "exact"), ("gemma2", "exact"), ("llama", "poly"),
+                                           ("llama", "conv")])
+def test_torch_compile(family, method):
+    """torch.compile(model): dynamo traces none of our code (the attention and mask functions are graph breaks;
+    traced, the guard's float statistics made a layer recompile on every call), the model around them compiles,
+    and logits and gradients equal eager."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="fastattn")
+    hf_fastattn.configure(model, method=method, local_window=4, guard="off")
+    x = _tokens(2, N, 10)
+    w = torch.randn(2, N, 97, generator=torch.Generator().manual_seed(11))
+    valid = torch.ones(2, N, dtype=torch.bool)
+    ref = _loss_and_grads(model, w, valid, input_ids=x)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(node.meta.get("stack_trace") or "" for node in gm.graph.nodes)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):  # the second call reuses the compiled graphs
+        model.zero_grad(set_to_none=True)
+        logits = compiled(input_ids=x).logits
+        (logits * w)[valid].mean().backward()
+    torch._dynamo.reset()
+    assert any("modeling_" in t for t in traced)  # the model itself was compiled
+    assert not [t for t in traced if "hf_fastattn" in t]
+    _assert_same(ref, (logits.detach(), _grads(model)))
+
+
 def test_masks_stay_compact(monkeypatch):
     """The backend only ever sees None or a 2D mask, with padding and with a static cache."""
     from hf_fastattn import backend
