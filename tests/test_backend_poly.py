@@ -10,7 +10,10 @@ import torch
 
 import hf_fastattn
 from hf_fastattn import backend
+from hf_fastattn.config import FastAttnConfig
+from hf_fastattn.ops.exact import naive_attention
 from hf_fastattn.ops.poly import guard_stats, poly_coefficients
+from hf_fastattn.ops.poly.naive import naive_poly_attention
 from hf_fastattn.testing import FAMILIES, model_pair, packing_error, shrink_logits, tiny_config
 
 N = 70  # several chunks of 8
@@ -108,9 +111,11 @@ def test_guard_exact_falls_back_to_exact():
     assert (out - ref(input_ids=x).logits).abs().max().item() < 1e-5
 
 
-def test_guard_warns_once_per_layer():
+@pytest.mark.parametrize("options", [{"guard": "warn"}, {}], ids=["warn", "default"])
+def test_guard_warns_once_per_layer(options):
     backend._warned.clear()
-    _, model = _poly_pair("llama", guard="warn")
+    _, model = model_pair(tiny_config("llama"))
+    hf_fastattn.configure(model, method="poly", chunk_size=8, **options)  # "warn" is the default
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(input_ids=_tokens(1, N, 6))
@@ -128,16 +133,43 @@ def test_guard_off_and_small_logits_are_silent():
             model(input_ids=_tokens(1, N, 8))
 
 
-def test_non_finite_output_falls_back(monkeypatch):
+@pytest.mark.parametrize("bad", ["all", "one"])
+def test_non_finite_output_falls_back(monkeypatch, bad):
     import hf_fastattn.ops.poly as poly
 
+    def broken(q, *args, **kwargs):
+        if bad == "all":
+            return torch.full_like(q, float("nan"))
+        out = torch.randn_like(q)
+        out[0, -1, -1, 0] = float("inf")  # one element of one head is enough to fall back
+        return out
+
     ref, model = _poly_pair("llama")
-    monkeypatch.setattr(poly, "poly_attention", lambda q, *a, **k: torch.full_like(q, float("nan")))
+    monkeypatch.setattr(poly, "poly_attention", broken)
     backend._warned.clear()
     x = _tokens(1, N, 9)
     with pytest.warns(RuntimeWarning, match="non-finite values"):
         out = model(input_ids=x).logits
     assert (out - ref(input_ids=x).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_methods_pass_softcap_and_window(window):
+    """The registered method functions hand the layer's softcap and sliding window to their ops: band takes the
+    narrower of the window and local_window, poly on a sliding layer is exact, and off it applies softcap in its
+    band (float64 against the references)."""
+    q = torch.randn(1, 4, 40, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 40, 16, dtype=torch.float64)
+    s, cap = 0.25, 1.0
+    common = dict(scale=s, causal=True, window=window, softcap=cap, kv_valid=None, layer_idx=0)
+    band = backend._METHODS["band"](q, k, v, cfg=FastAttnConfig(method="band", local_window=6), **common)
+    assert torch.allclose(band, naive_attention(q, k, v, s, True, 6 if window is None else min(window, 6), cap),
+                          atol=1e-12)
+    cfg = FastAttnConfig(method="poly", local_window=4, chunk_size=8, guard="off")
+    poly = backend._METHODS["poly"](q, k, v, cfg=cfg, **common)
+    ref = naive_attention(q, k, v, s, True, window, cap) if window else naive_poly_attention(
+        q, k, v, s, poly_coefficients(2), 4, cap)
+    assert torch.allclose(poly, ref, atol=1e-10)
 
 
 def test_band_covering_everything_is_exact():

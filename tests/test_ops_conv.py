@@ -158,28 +158,32 @@ def test_conv_gradcheck(placement, softcap):
 
 
 # ---------------------------------------------------------------------------------------------- decode
-@pytest.mark.parametrize("placement", ["even", "search"])
-def test_decode_extends_the_same_approximation(placement):
+@pytest.mark.parametrize("placement, softcap", [("even", None), ("search", None), ("even", 1.5)])
+def test_decode_extends_the_same_approximation(placement, softcap):
     """Decode rows use the prefill's basis columns, extended with the new queries: they equal the dense
-    approximation with those same basis columns over the whole (compacted) sequence."""
+    approximation with those same basis columns over the whole (compacted) sequence (softcap: of the capped
+    columns)."""
     n, extra, scale = 48, 5, 0.3
     q, k, v = _qkv(2, 4, 2, n + extra, 8)
     valid = torch.ones(2, n + extra, dtype=torch.bool)
     valid[0, :6] = False  # left padding, as in generation
     prefix = (slice(None), slice(None), slice(0, n))
     _, state = conv_attention(q[prefix], k[prefix], v[prefix], scale, k_bases=6, placement=placement,
-                              kv_valid=valid[:, :n], return_state=True)
+                              softcap=softcap, kv_valid=valid[:, :n], return_state=True)
     starts0 = state.starts
     pos = n
     for step in (1, 3, 1):  # decode steps and a chunked-prefill step
         nxt = pos + step
         assert state_matches(state, k[:, :, :nxt], valid[:, :nxt], step)
-        out, state = conv_decode(q[:, :, pos:nxt], k[:, :, :nxt], v[:, :, :nxt], scale, state, kv_valid=valid[:, :nxt])
+        out, state = conv_decode(q[:, :, pos:nxt], k[:, :, :nxt], v[:, :, :nxt], scale, state, softcap=softcap,
+                                 kv_valid=valid[:, :nxt])
         for b in range(2):
             keep = valid[b, :nxt].nonzero()[:, 0]
             qc, kc, vc = (t[b : b + 1, :, keep] for t in (q, k, v))
             lengths = torch.tensor([len(keep)])
             cum = ScoreColumns(qc, kc, scale, lengths).columns(starts0[b : b + 1])
+            if softcap is not None:
+                cum = softcap * torch.tanh(cum / softcap)
             ref = naive_conv_attention(vc, starts0[b : b + 1], cum, 4)[:, :, -step:]
             assert _rel(out[b : b + 1], ref) < 1e-10
         pos = nxt

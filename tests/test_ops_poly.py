@@ -8,7 +8,7 @@ import torch
 
 from hf_fastattn.testing import LargestTensor
 from hf_fastattn.ops.exact import naive_attention
-from hf_fastattn.ops.poly import poly_attention
+from hf_fastattn.ops.poly import guard_stats, poly_attention
 from hf_fastattn.ops.poly.chunk import poly_chunk_attention, poly_direct_attention
 from hf_fastattn.ops.poly.features import (
     FeatureMap,
@@ -140,17 +140,21 @@ def test_chunk_gradcheck(band, pad, softcap):
     assert torch.autograd.gradcheck(fn, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()))
 
 
-def test_decode_computes_the_same_function():
-    """Prefill (chunked) and decode (direct, Nq = 1 or a few) agree row by row."""
-    q, k, v = _qkv(2, 4, 2, 90, 90, 16, std=0.5)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_decode_computes_the_same_function(softcap):
+    """Prefill (chunked) and decode (direct, Nq = 1 or a few) agree row by row, and both equal the reference."""
+    q, k, v = _qkv(2, 4, 2, 90, 90, 16, std=0.8)
     valid = _padding(2, 90)
     coeffs = poly_coefficients(2)
-    full = poly_chunk_attention(q, k, v, 0.25, coeffs, 9, 16, None, valid)
+    full = poly_chunk_attention(q, k, v, 0.25, coeffs, 9, 16, softcap, valid)
+    assert _rel(full[valid[:, None, :].expand(-1, 4, -1)],
+                naive_poly_attention(q, k, v, 0.25, coeffs, 9, softcap, valid)[valid[:, None, :].expand(-1, 4, -1)]) < 1e-10
     for nq in (1, 3):
-        direct = poly_direct_attention(q[:, :, -nq:], k, v, 0.25, coeffs, 9, None, valid)
+        direct = poly_direct_attention(q[:, :, -nq:], k, v, 0.25, coeffs, 9, softcap, valid)
         assert _rel(direct, full[:, :, -nq:]) < 1e-12
         # and growing the cache one key at a time (decode steps) sees only the past
-        step = poly_direct_attention(q[:, :, 50:51], k[:, :, :51], v[:, :, :51], 0.25, coeffs, 9, None, valid[:, :51])
+        step = poly_direct_attention(q[:, :, 50:51], k[:, :, :51], v[:, :, :51], 0.25, coeffs, 9, softcap,
+                                     valid[:, :51])
         assert _rel(step, full[:, :, 50:51]) < 1e-12
 
 
@@ -173,7 +177,7 @@ def test_public_function_dispatch_and_errors():
 def test_logits_in_the_hundreds_stay_finite(band, dtype):
     """Trained models reach |s q.k| in the hundreds; nothing may overflow, forward or backward."""
     q, k, v = _qkv(1, 2, 2, 200, 200, 32, std=6.0, dtype=torch.float32)  # |s q.k| up to ~300
-    q[:, :, 100:] *= -1  # rows whose band logits are hugely negative next to a far part
+    q[:, :, 100:] *= -1  # logits of both signs in the hundreds (the far-bound shift: the next test)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     ref = naive_poly_attention(q.double(), k.double(), v.double(), 32**-0.5, poly_coefficients(2), band)
     out = poly_chunk_attention(q, k, v, 32**-0.5, poly_coefficients(2), band, 32)
@@ -181,6 +185,24 @@ def test_logits_in_the_hundreds_stay_finite(band, dtype):
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert (out.double() - ref).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)  # bf16 output rounding
+
+
+def test_far_keys_next_to_very_negative_band():
+    """The row shift m must cover the far part too: the last row's band logits are about -200 and its far logits
+    small, so a shift by the band maximum alone makes exp(-m) = e^200 (inf, then NaN) in float32."""
+    n, d, band = 64, 8, 8
+    q, k, v = _qkv(1, 2, 2, n, n, d, std=0.1, dtype=torch.float32)
+    q[..., 0] += 20.0
+    k[:, :, n - band :, 0] -= 20.0  # s q.k ~ -200 on the last row's whole band; its far keys stay near 0
+    coeffs = poly_coefficients(2)
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), 0.5, coeffs, band)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = poly_chunk_attention(q, k, v, 0.5, coeffs, band, 16)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    last = poly_direct_attention(q[:, :, -3:].detach(), k.detach(), v.detach(), 0.5, coeffs, band)
+    assert (last.double() - ref[:, :, -3:]).abs().max().item() < 1e-5
 
 
 def test_large_logits_float64_exact_math():
@@ -300,3 +322,22 @@ def test_band_reduces_error_and_fit_helps_at_wide_logits():
 
     assert err(band=64) < err(band=0)
     assert err(coeffs="fit", fit_range=1.0) < err()  # measured: 0.29 vs 0.31 at sigma = 1
+
+
+def test_guard_statistics_per_head_with_gqa_and_padding():
+    """The guard's per-head bound and rms logit equal a direct computation: query head i reads KV head i // G, and
+    padded key slots (here filled with values 50x too large) count for neither."""
+    b, h, hkv, n, d, s = 2, 4, 2, 30, 8, 0.3
+    q, k, _ = _qkv(b, h, hkv, n, n, d)
+    k[:, 1] *= 3.0  # KV heads differ, so a wrong head grouping shows
+    valid = _padding(b, n)
+    k[~valid[:, None, :].expand(b, hkv, n)] *= 50.0
+    st = guard_stats(q, k, s, poly_coefficients(2), valid)
+    for head in range(h):
+        bounds, sigmas = [], []
+        for i in range(b):
+            kh, qh = k[i, head // (h // hkv)][valid[i]], q[i, head]
+            bounds.append(s * qh.norm(dim=-1).max() * kh.norm(dim=-1).max())
+            sigmas.append(s * ((qh.T @ qh / n) * (kh.T @ kh / len(kh))).sum().sqrt())  # sqrt(tr(Mq Mk))
+        assert st.bound[head] == pytest.approx(max(bounds).item(), rel=1e-5)
+        assert st.sigma[head] == pytest.approx(max(sigmas).item(), rel=1e-5)
