@@ -104,6 +104,19 @@ def test_packed_sequences(pair, flash_kwargs, lengths):
         start += len(s)
 
 
+def test_packed_rows_stay_apart(pair):
+    """Restarting position_ids in a batch of two rows (one unpacked, one packing two sequences): each sequence
+    equals itself run alone, so no row's last sequence runs on into the next row's first."""
+    _, new = pair
+    x = _tokens(2, 30, 3)
+    pos = torch.stack([torch.arange(30), torch.cat([torch.arange(12), torch.arange(18)])])
+    with torch.no_grad():
+        packed = new(input_ids=x, position_ids=pos).logits
+        for row, lo, hi in [(0, 0, 30), (1, 0, 12), (1, 12, 30)]:
+            alone = new(input_ids=x[row : row + 1, lo:hi]).logits[0]
+            assert (alone - packed[row, lo:hi]).abs().max().item() < ATOL
+
+
 def test_generate_dynamic_cache_left_padding(pair):
     ref, new = pair
     x = _tokens(2, 2 * WINDOW + 1, 5)
@@ -240,6 +253,7 @@ def test_configure_switches_implementation():
         ({"degree": 0}, "fastattn_config['degree'] must be an integer >= 2"),
         ({"local_window": -1}, "fastattn_config['local_window'] must be an integer >= 0"),
         ({"chunk_size": 1.5}, "fastattn_config['chunk_size'] must be an integer >= 1"),
+        ({"chunk_size": 0}, "fastattn_config['chunk_size'] must be an integer >= 1"),
         ({"guard_tolerance": float("nan")}, "fastattn_config['guard_tolerance'] must be a finite number > 0"),
         ({"poly_save_states": "yes"}, "fastattn_config['poly_save_states'] must be true or false; got 'yes'"),
         ({"conv_placement": "random"}, "fastattn_config['conv_placement'] must be one of 'search', 'even', 'geometric'"),

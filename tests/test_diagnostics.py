@@ -11,13 +11,16 @@ import hf_fastattn
 from hf_fastattn import backend
 from hf_fastattn.diagnostics import (
     DEFAULT_SETTINGS,
+    HeadStats,
     Report,
     diagnose,
     evaluate_plan,
+    layer_stats,
     plan,
     plan_summary,
     predicted_vs_realised,
 )
+from hf_fastattn.ops.conv import conv_attention
 from hf_fastattn.ops.exact import naive_attention
 from hf_fastattn.ops.poly import poly_coefficients
 from hf_fastattn.ops.poly.naive import naive_poly_attention
@@ -119,6 +122,32 @@ def test_plan_rejects_uninformative_settings_and_bad_budget():
     assert set(plan(report, 0.5)["settings"]) == {"exact"}  # ... so it is never chosen
     with pytest.raises(ValueError, match="budget must be a positive"):
         plan(report, 0)
+
+
+@pytest.mark.parametrize("sliding, feasible, expected",
+                         [(False, True, "poly-d4-w0"), (False, False, "exact"), (True, True, "exact")])
+def test_plan_skips_infeasible_settings_and_sliding_heads(sliding, feasible, expected):
+    """A setting over the feature cap is never planned, nor is any approximation on a sliding head, however small
+    its measured error (d = 8: degree 4 is cheaper than exact at 8192 tokens)."""
+    head = HeadStats(layer=0, head=0, sliding=sliding, logit_max=0.1, q_inf=0.1, k_inf=0.1, entropy=1.0,
+                     rms_logit=0.01, errors={"poly-d4-w0": 1e-4}, feasible={"poly-d4-w0": feasible})
+    report = Report([head], {}, {"settings": {"poly-d4-w0": DEFAULT_SETTINGS["poly-d4-w0"]},
+                                 "tokens_per_row": 512, "head_dim": 8})
+    assert plan(report, 0.05)["layers"]["0"] == [expected]
+
+
+def test_layer_errors_leave_out_padding_rows():
+    """A padded row's output is undefined in every backend, so the measured error sums real rows only."""
+    q, k, v = torch.randn(2, 4, 24, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[1, -6:] = False  # right padding: rows that still produce (meaningless) outputs
+    _, sums = layer_stats(q, k, v, valid, dict(scale=0.25, window=None, softcap=None),
+                          {"c": {"method": "conv", "conv_k": 4}}, 0)
+    ref = naive_attention(q, k, v, 0.25, kv_valid=valid)
+    out = conv_attention(q, k, v, 0.25, k_bases=4, kv_valid=valid)
+    rows = valid[:, None, :, None]
+    assert torch.allclose(sums["err_sq"]["c"], (((out - ref) * rows) ** 2).sum((0, 2, 3)), rtol=1e-5)
+    assert ((out - ref)[~rows.expand_as(out)] ** 2).sum() > 1e-3 * sums["err_sq"]["c"].sum()  # padding would show
 
 
 def _round_robin_plan(cfg, settings):

@@ -13,6 +13,7 @@ CASES = [
     pytest.param(2, 4, 2, 90, 90, 16, 9, None, True, id="window9-pad"),
     pytest.param(1, 2, 2, 20, 70, 16, 13, None, False, id="window13-Tq20-Tk70"),
     pytest.param(2, 4, 4, 50, 50, 24, None, 2.0, True, id="softcap2-pad"),
+    pytest.param(1, 4, 2, 64, 64, 16, None, 2.0, False, id="softcap2-nopad"),  # not a fused-SDPA call
     pytest.param(1, 4, 2, 33, 65, 16, 7, 1.5, True, id="all-at-once"),
 ]
 
