@@ -153,29 +153,49 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(step, device, repeats, warmup):
-    """(median seconds, peak MiB above what was allocated before, finite?) of `step()`, which returns a tensor
-    to check for non-finite values."""
-    for _ in range(warmup):
-        step()
+def _timed_run(step, device) -> tuple[float, bool]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = step()
+    _sync(device)
+    return time.perf_counter() - t0, bool(torch.isfinite(out).all())
+
+
+def time_step(step, device, repeats, warmup, budget=None, warm=False):
+    """(median seconds, peak MiB above what was allocated before, finite?, runs timed) of `step()`, which returns
+    a tensor to check for non-finite values.
+
+    budget: seconds; the timed runs stop once they add up to more (at least one runs). With `warm` (the step's
+    kernels already ran at a shorter length: compiled, autotuned), a warm-up run longer than `budget` is kept as
+    the one timed run: SDPA at 1M tokens takes 30 s a run, and the allocator's growth is a negligible part of it.
+    """
+
+    def start():
+        _peak_reset(device)
+        return _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
+
+    before = start()
     times, finite = [], True
-    _peak_reset(device)
-    before = _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        finite = finite and bool(torch.isfinite(out).all())
-        del out
+    for _ in range(warmup):
+        sec, fin = _timed_run(step, device)
+        if warm and budget is not None and sec > budget:
+            times, finite = [sec], fin
+            break
+    if not times:
+        before = start()
+        for _ in range(repeats):
+            sec, fin = _timed_run(step, device)
+            times.append(sec)
+            finite = finite and fin
+            if budget is not None and sum(times) > budget:
+                break
     peak = _peak_mb(device) - before
     times.sort()
-    return times[len(times) // 2], max(peak, 0.0), finite
+    return times[len(times) // 2], max(peak, 0.0), finite, len(times)
 
 
-def measure(fn, q, k, v, mode, repeats, warmup):
-    """(median seconds, peak MiB above the inputs, finite?)."""
+def measure(fn, q, k, v, mode, repeats, warmup, budget=None, warm=False):
+    """(median seconds, peak MiB above the inputs, finite?, runs timed); budget and warm as for `time_step`."""
     leaves = [t.detach().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
     do = torch.randn_like(q)
 
@@ -189,18 +209,18 @@ def measure(fn, q, k, v, mode, repeats, warmup):
             t.grad = None
         return out.detach()
 
-    return time_step(once, q.device, repeats, warmup)
+    return time_step(once, q.device, repeats, warmup, budget, warm)
 
 
 def timed_row(row: dict, skip: set, args, device, timed) -> dict:
-    """`row` (keys: a label, "mode", "n") with ms, peak_mb, finite from `timed()` -> (seconds, peak MiB, finite).
+    """`row` (keys: a label, "mode", "n") with ms, peak_mb, finite, runs from `timed()` -> `time_step`'s tuple.
     A (label, mode) in `skip` is not run again; an error (out of memory, a kernel that does not compile for the
     shape) is recorded in the row and skips the label's longer lengths, as does a time over --max-seconds."""
     key = tuple(v for k, v in row.items() if k != "n")  # (label, mode)
     if key in skip:
         return dict(row, skipped=f"slower than --max-seconds {args.max_seconds} at a shorter length")
     try:
-        sec, peak, finite = timed()
+        sec, peak, finite, runs = timed()
     except Exception as err:
         skip.add(key)
         if device.type == "cuda":
@@ -208,7 +228,7 @@ def timed_row(row: dict, skip: set, args, device, timed) -> dict:
         return dict(row, error=f"{type(err).__name__}: {str(err)[:200]}")
     if sec > args.max_seconds:
         skip.add(key)
-    return dict(row, ms=sec * 1e3, peak_mb=peak, finite=finite)
+    return dict(row, ms=sec * 1e3, peak_mb=peak, finite=finite, runs=runs)
 
 
 def compare(results: list, label: str, fit_points: int) -> dict:
@@ -243,9 +263,15 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def checkpoint_to(path: Path):
-    """A `run(..., checkpoint=)` callback writing each length's report so far to `path`, marked partial: a run cut
-    off by a time limit (a GPU session's device call) still leaves every length it finished."""
-    return lambda report: write_json(dict(report, partial=f"lengths through {report['results'][-1]['n']}"), path)
+    """A `run(..., checkpoint=)` callback writing the report so far to `path` after every row, marked partial: a
+    run cut off by a time limit (a GPU session's device call) still leaves every row it finished."""
+
+    def write(report):
+        last = report["results"][-1]
+        label = last.get("method") or last.get("arm")
+        write_json(dict(report, partial=f"rows through {label} {last['mode']} at n={last['n']}"), path)
+
+    return write
 
 
 def save_report(report: dict, path: Path, print_table, plot, no_plot: bool) -> int:
@@ -295,7 +321,7 @@ def environment(device) -> dict:
 
 # ----------------------------------------------------------------------------------------------- run
 def run(args, checkpoint=None) -> dict:
-    """The attention benchmark; `checkpoint(report so far)` after each length, if given."""
+    """The attention benchmark; `checkpoint(report so far)` after each row, if given."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
@@ -303,30 +329,33 @@ def run(args, checkpoint=None) -> dict:
     lengths = [int(x) for x in args.lengths.split(",")]
     methods = args.methods.split("+") if "+" in args.methods else args.methods.split(",")
     modes = args.modes.split(",")
-    results, skip = [], set()
+    results, skip, ran = [], set(), set()
     b, h, hkv, d = args.batch, args.heads, args.kv_heads or args.heads, args.head_dim
     from tqdm import tqdm
 
     bar = tqdm(total=len(lengths) * len(methods) * len(modes), desc="bench", disable=args.quiet)
     for n in lengths:
-        gen = torch.Generator(device="cpu").manual_seed(n)
-        q = (torch.randn(b, h, n, d, generator=gen) * d**-0.25).to(device, dtype)
-        k = (torch.randn(b, hkv, n, d, generator=gen) * d**-0.25).to(device, dtype)
-        v = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype)
+        # drawn where they are used: on a GPU at 1M tokens, D = 128, CPU draws took ~10 s a tensor
+        gen = torch.Generator(device=device).manual_seed(n)
+        q = (torch.randn(b, h, n, d, generator=gen, device=device) * d**-0.25).to(dtype)
+        k = (torch.randn(b, hkv, n, d, generator=gen, device=device) * d**-0.25).to(dtype)
+        v = torch.randn(b, hkv, n, d, generator=gen, device=device).to(dtype)
         for method in methods:
             fn = _method_fn(method, args)
             for mode in modes:
                 bar.update(1)
+                warm = (method, mode) in ran
                 row = timed_row(dict(method=method, mode=mode, n=n), skip, args, device,
-                                lambda: measure(fn, q, k, v, mode, args.repeats, args.warmup))
+                                lambda: measure(fn, q, k, v, mode, args.repeats, args.warmup, args.repeat_seconds, warm))
                 results.append(row)
                 if "ms" in row:
+                    ran.add((method, mode))
                     flops = flop_count(method, b, h, hkv, n, d, mode, args)
                     row.update(flops=flops, tflops=flops / row["ms"] / 1e9)
                     bar.set_postfix_str(f"{method} {mode} n={n}: {row['ms']:.0f} ms")
+                if checkpoint:
+                    checkpoint(_report(args, device, results))
         del q, k, v
-        if checkpoint:
-            checkpoint(_report(args, device, results))
     bar.close()
     return _report(args, device, results)
 
@@ -334,6 +363,7 @@ def run(args, checkpoint=None) -> dict:
 def _report(args, device, results) -> dict:
     config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "degree", "band",
                                               "chunk", "conv_k", "repeats", "kernel")}
+    config["repeat_seconds"] = args.repeat_seconds
     exponents = compare(results, "method", args.fit_points)
     return {"env": environment(device), "config": config, "results": results, "exponents": exponents}
 
@@ -405,6 +435,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-k", type=int, default=16, help="conv bases k")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    p.add_argument("--repeat-seconds", type=float, default=None,
+                   help="stop the timed repeats once they add up to this many seconds; a warm-up run that long, at a "
+                   "length after the method's first, is kept as the one timed run (a GPU session's time budget)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop growing N for a method once one run takes longer")
     p.add_argument("--fit-points", type=int, default=3, help="longest lengths used for the scaling exponent")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/attention-<device>-<date>.json)")

@@ -68,7 +68,7 @@ def _step_fn(model, ids, mode, seen):
 
 
 def run(args, checkpoint=None) -> dict:
-    """Training (or forward) steps of one model per length and arm; `checkpoint(report so far)` after each length."""
+    """Training (or forward) steps of one model per length and arm; `checkpoint(report so far)` after each row."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,21 +101,21 @@ def run(args, checkpoint=None) -> dict:
                 row = timed_row(dict(arm=label, mode=mode, n=n), skip, args, device,
                                 lambda: time_step(step, device, args.repeats, args.warmup))
                 results.append(row)
-                if "ms" not in row:
+                if "ms" in row:
+                    steps = args.repeats + args.warmup
+                    row.update(tokens_per_s=args.batch * n / row["ms"] * 1e3,
+                               ops={k: v / steps for k, v in sorted(stats.COUNTS.items())})
+                    if "held" in seen:
+                        row["held_mb"] = seen["held"] / 2**20
+                    if "loss" in seen:
+                        row["loss"] = seen["loss"]
+                    bar.set_postfix_str(f"{label} {mode} n={n}: {row['ms']:.0f} ms")
+                else:
                     model.zero_grad(set_to_none=True)  # a failed step may leave gradients behind
-                    continue
-                steps = args.repeats + args.warmup
-                row.update(tokens_per_s=args.batch * n / row["ms"] * 1e3,
-                           ops={k: v / steps for k, v in sorted(stats.COUNTS.items())})
-                if "held" in seen:
-                    row["held_mb"] = seen["held"] / 2**20
-                if "loss" in seen:
-                    row["loss"] = seen["loss"]
-                bar.set_postfix_str(f"{label} {mode} n={n}: {row['ms']:.0f} ms")
+                if checkpoint:
+                    checkpoint(_report(args, device, model, weights, results))
         del ids
         _sync(device)
-        if checkpoint:
-            checkpoint(_report(args, device, model, weights, results))
     bar.close()
     return _report(args, device, model, weights, results)
 

@@ -4,8 +4,10 @@ diagnose, bench, bench-model). Each checks its outputs, not just that it ran."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,8 +144,8 @@ def test_cli_bench_json_schema(tmp_path):
     assert (tmp_path / "b.png").exists()
 
 
-def test_bench_checkpoints_each_length(tmp_path):
-    """A run cut off by a time limit keeps every finished length: the JSON is rewritten after each one, marked
+def test_bench_checkpoints_each_row(tmp_path):
+    """A run cut off by a time limit keeps every finished row: the JSON is rewritten after each one, marked
     partial, with the same schema as the final report."""
     import argparse
 
@@ -160,9 +162,39 @@ def test_bench_checkpoints_each_length(tmp_path):
         seen.append(json.loads(path.read_text()))
 
     final = bench.run(args, checkpoint)
-    assert [sorted({r["n"] for r in rep["results"]}) for rep in seen] == [[128], [128, 256]]
-    assert seen[0]["partial"] == "lengths through 128" and "speedup_vs_sdpa" in seen[0]["results"][1]
-    assert seen[1]["results"] == json.loads(json.dumps(final["results"])) and "partial" not in final
+    order = [("sdpa", 128), ("poly", 128), ("sdpa", 256), ("poly", 256)]
+    assert [[(r["method"], r["n"]) for r in rep["results"]] for rep in seen] == [order[:i] for i in range(1, 5)]
+    assert seen[0]["partial"] == "rows through sdpa fwd at n=128"
+    assert "speedup_vs_sdpa" in seen[1]["results"][1] and seen[1]["partial"] == "rows through poly fwd at n=128"
+    assert seen[-1]["results"] == json.loads(json.dumps(final["results"])) and "partial" not in final
+
+
+def test_time_step_budget(monkeypatch):
+    """--repeat-seconds: timed repeats stop once they add up to the budget, and a warm-up run past it, for a step
+    that already ran at a shorter length, is the one timed run (what fits SDPA at 1M tokens into a GPU session)."""
+    from hf_fastattn import bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    cpu = torch.device("cpu")
+
+    def runs(seconds, **kw):
+        calls = []
+
+        def step():
+            calls.append(seconds)
+            clock[0] += seconds
+            return torch.ones(1)
+
+        sec, _, finite, timed = bench.time_step(step, cpu, 3, 1, **kw)
+        assert sec == seconds and finite
+        return len(calls), timed
+
+    assert runs(10.0) == (4, 3)  # no budget: warm-up + 3 repeats
+    assert runs(10.0, budget=5.0) == (2, 1)  # not warm: the warm-up stays untimed, one repeat passes the budget
+    assert runs(10.0, budget=5.0, warm=True) == (1, 1)  # warm: the long warm-up is the measurement
+    assert runs(2.0, budget=5.0, warm=True) == (4, 3)  # a short warm-up is not kept; 2 + 2 + 2 > 5 after three
+    assert runs(2.0, budget=3.0, warm=True) == (3, 2)
 
 
 def test_cli_bench_model(tmp_path):
@@ -231,3 +263,55 @@ def test_poly_targets_script(capsys):
     assert "measured" not in at1m  # the old layout ran out of memory there
     poly_targets.main([str(path)])
     assert "| 128 | 131072 | 461.6 ms |" in capsys.readouterr().out
+
+
+def _gpu_session():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_session
+
+    return gpu_session
+
+
+def test_gpu_session_smoke(tmp_path):
+    """scripts/gpu_session.py, what a GPU session runs in its one device call, on the CPU at toy sizes: its stages
+    run in order with the same commands, a failing stage (the profile needs CUDA) does not stop the rest, each
+    stage's status is recorded, and what comes back fits the device tool's limits (8 files, plain names)."""
+    r = subprocess.run([sys.executable, "scripts/gpu_session.py", "--smoke", "--out", str(tmp_path),
+                        "--only", "tests,bench-d128,profile,targets"], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the profile stage failed, as it must on CPU
+    stages = {s["name"]: s for s in json.loads((tmp_path / "session.json").read_text())["stages"]}
+    assert list(stages) == ["tests", "bench-d128", "profile", "targets"]
+    assert stages["profile"]["status"] == "failed" and stages["profile"]["rc"] == 1
+    assert all(stages[s]["status"] == "ok" for s in ("tests", "bench-d128", "targets"))
+    rep = json.loads((tmp_path / "attention-cpu-fp32-d16.json").read_text())
+    assert "partial" not in rep and rep["config"]["repeat_seconds"] == 5
+    assert {(r["method"], r["mode"]) for r in rep["results"] if r.get("runs", 0) >= 1} == {
+        (m, mode) for m in ("sdpa", "poly:chunk=16,kernel=torch") for mode in ("fwd", "fwdbwd")}
+    log = (tmp_path / "session.log").read_text()
+    assert "needs a CUDA GPU" in log and "| 16 | 128 |" in log  # the profile's reason; the targets table
+    files = [f.name for f in tmp_path.iterdir()]
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
+
+
+def test_gpu_session_deadline_and_kill(tmp_path):
+    """Stages that cannot get their minimum under the deadline are skipped (and said so); a stage past its limit
+    is killed with its whole process group, children included; an unknown stage name is refused."""
+    gs = _gpu_session()
+    gs.main(["--smoke", "--seconds", "10", "--out", str(tmp_path), "--only", "bench-d64,model"])
+    stages = json.loads((tmp_path / "session.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["bench-d64", "model"]
+    assert all(s["status"].startswith("skipped:") and s["seconds"] == 0 for s in stages)
+    with pytest.raises(SystemExit, match="unknown stage.*'bench'.*choose from tests, bench-d128"):
+        gs.main(["--smoke", "--out", str(tmp_path), "--only", "bench"])
+    log = tmp_path / "kill.log"
+    with open(log, "w") as f:
+        status, rc = gs.run_stage(["bash", "-c", "sleep 60 & echo $!; wait"], 2, dict(os.environ), f)
+    assert status == "timed out after 2 s" and rc is None
+    child = int(log.read_text().split()[0])
+    time.sleep(0.5)
+    try:
+        state = Path(f"/proc/{child}/status").read_text()
+        assert "zombie" in state  # killed, not yet reaped by init
+    except FileNotFoundError:
+        pass
