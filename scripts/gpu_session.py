@@ -52,14 +52,22 @@ class Stage:
     inputs: tuple[Path, ...] = ()  # files appended to cmd where they exist; skipped if none does
 
 
-def gpu_name() -> str:
-    """'h200', 'h100', ... (the results' file names), 'cpu' without CUDA."""
+def machine() -> tuple[str, str]:
+    """('h200', 'h100', ... for the results' file names, or 'cpu' without CUDA; a line on the device and versions)."""
     import torch
 
+    versions = f"torch {torch.__version__}, python {sys.version.split()[0]}"
+    if _has("triton"):
+        import triton
+
+        versions += f", triton {triton.__version__}"
     if not torch.cuda.is_available():
-        return "cpu"
-    words = torch.cuda.get_device_name().split()
-    return re.sub(r"[^a-z0-9]", "", (words[1] if len(words) > 1 else words[0]).lower()) or "gpu"
+        return "cpu", f"no CUDA device; {versions}"
+    name = torch.cuda.get_device_name()
+    free, total = torch.cuda.mem_get_info()
+    words = name.split()
+    short = re.sub(r"[^a-z0-9]", "", (words[1] if len(words) > 1 else words[0]).lower()) or "gpu"
+    return short, f"{name}, {free / 2**30:.0f} of {total / 2**30:.0f} GiB free; {versions}"
 
 
 def stages(smoke: bool, dest: Path, gpu: str) -> list[Stage]:
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     dest = Path(a.out).resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    gpu = gpu_name()
+    gpu, about = machine()
     if gpu == "cpu" and not a.smoke:
         raise SystemExit("gpu_session.py needs a CUDA GPU (--smoke runs its plumbing on the CPU)")
     plan = stages(a.smoke, dest, gpu)
@@ -163,7 +171,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     if not a.smoke:
         env["TRITON_INTERPRET"] = "0"  # compiled kernels (the test suite interprets them without a GPU)
-    summary = {"gpu": gpu, "deadline_s": a.seconds, "stages": []}
+    summary = {"gpu": gpu, "machine": about, "deadline_s": a.seconds, "stages": []}
     with open(dest / "session.log", "a") as log:
 
         def say(text):
@@ -171,6 +179,7 @@ def main(argv=None) -> int:
             log.write(text)
             log.flush()
 
+        say(f"gpu_session.py at {time.strftime('%Y-%m-%d %H:%M:%S')}: {about}\n")
         for stage in plan:
             if only and stage.name not in only:
                 continue
