@@ -344,9 +344,9 @@ def run(args, checkpoint=None) -> dict:
             fn = _method_fn(method, args)
             for mode in modes:
                 bar.update(1)
-                warm = (method, mode) in ran
+                timing = (args.repeats, args.warmup, args.repeat_seconds, (method, mode) in ran)
                 row = timed_row(dict(method=method, mode=mode, n=n), skip, args, device,
-                                lambda: measure(fn, q, k, v, mode, args.repeats, args.warmup, args.repeat_seconds, warm))
+                                lambda: measure(fn, q, k, v, mode, *timing))
                 results.append(row)
                 if "ms" in row:
                     ran.add((method, mode))

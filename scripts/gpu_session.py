@@ -100,7 +100,11 @@ def stages(smoke: bool, dest: Path, gpu: str) -> list[Stage]:
              "--lengths", "64,128" if smoke else "16384,65536,131072", "--modes", "fwdbwd", "--repeats", "2",
              "--arms", f"sdpa,poly,band:local_window={16 if smoke else 128}", "--quiet", "--no-plot",
              "--out", str(dest / f"model-{gpu}-{dtype}-d{dim[128]}.json")]
-    tests = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_ops_poly_triton.py"]
+    # xdist (on the GPU machines' image): the tests' time is mostly Triton compiling one kernel set per shape and
+    # dtype, which parallelises over the machine's 16 cores
+    xdist = ["-n", "8"] if not smoke and _has("xdist") else []
+    tests = [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *xdist,
+             "tests/test_ops_poly_triton.py"]
     return [
         Stage("tests", tests, 120, 30),
         Stage("bench-d128", bench(128), 200, 60),
