@@ -254,6 +254,13 @@ def test_configure_switches_implementation():
         ({"local_window": -1}, "fastattn_config['local_window'] must be an integer >= 0"),
         ({"chunk_size": 1.5}, "fastattn_config['chunk_size'] must be an integer >= 1"),
         ({"chunk_size": 0}, "fastattn_config['chunk_size'] must be an integer >= 1"),
+        # from a mutation audit: each bound below was once accepted silently when its check was dropped
+        ({"chunk_size": True}, "fastattn_config['chunk_size'] must be an integer >= 1; got True"),
+        ({"conv_k": 0}, "fastattn_config['conv_k'] must be an integer >= 1; got 0"),
+        ({"feature_cap": 0}, "fastattn_config['feature_cap'] must be an integer >= 1; got 0"),
+        ({"exact_block": -16}, "fastattn_config['exact_block'] must be an integer >= 0; got -16"),
+        ({"conv_eps": -1e-3}, "fastattn_config['conv_eps'] must be a finite number >= 0; got -0.001"),
+        ({"layers": {"-1": {}}}, "fastattn_config['layers'] keys must be layer indices (non-negative integers), got '-1'"),
         ({"guard_tolerance": float("nan")}, "fastattn_config['guard_tolerance'] must be a finite number > 0"),
         ({"poly_save_states": "yes"}, "fastattn_config['poly_save_states'] must be true or false; got 'yes'"),
         ({"conv_placement": "random"}, "fastattn_config['conv_placement'] must be one of 'search', 'even', 'geometric'"),

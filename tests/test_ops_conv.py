@@ -254,3 +254,83 @@ def test_generic_content_error_is_recorded():
     for (placement, kb), expected in RECORDED.items():
         err = ((conv_attention(q, k, v, d**-0.5, k_bases=kb, placement=placement) - ref).norm() / ref.norm()).item()
         assert abs(err - expected) < 2e-3, (placement, kb, err)
+
+
+# ------------------------------------------------------------------------------- boundaries (mutation audit)
+def test_probe_marks_rows_past_the_length():
+    """ScoreColumns.probe returns the score entries H[j + r, j] and NaN exactly from row L (the valid length) on:
+    a row at the length is a padded query (or row N - 1 read twice), and the search must not count it."""
+    n, T, s = 20, 4, 0.3
+    q, k, _ = _qkv(2, 4, 2, n, 8)
+    lengths = torch.tensor([n, n - 6])
+    cols = torch.tensor([0, 11, n - 6, n - 2])[None, None].expand(2, 4, 4)
+    vals = torch.stack([ScoreColumns(q, k, s, lengths).probe(cols[..., u], T) for u in range(4)], -2)
+    h = s * q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)  # [B, H, N, N]
+    for b in range(2):
+        for u, j in enumerate(cols[0, 0].tolist()):
+            for r in range(T):
+                got = vals[b, :, u, r]
+                if j + r >= int(lengths[b]):
+                    assert torch.isnan(got).all(), (b, j, r)
+                else:
+                    assert torch.allclose(got, h[b, :, j + r, j], atol=1e-12), (b, j, r)
+
+
+def test_search_finds_a_change_of_exactly_delta_under_noise():
+    """The paper's rule: a column deviates when |H[j:j+T, j] - pred|_1 >= delta - 2 T eps, so a basis whose first T
+    diagonal entries change by exactly delta (L1) is found even with entry noise up to eps/2 (deviation >=
+    delta - T eps); a threshold of delta + 2 T eps misses it."""
+    n, T, delta, eps = 40, 4, 0.5, 1e-3
+    for trial in range(3):
+        bases = torch.randn(2, n, dtype=F64)
+        bases[1, :T] = delta / T * torch.sign(torch.randn(T, dtype=F64))
+        h = conv_sum(bases, [n, n - 17]) + (torch.rand(n, n, dtype=F64) - 0.5) * eps  # basis columns 0 and 17
+        found = search_starts(DenseColumns(h[None, None], torch.tensor([n])), 2, T, delta, eps)
+        assert found[0, 0].tolist() == [0, 17]
+
+
+def test_fft_in_groups_of_bases_matches_one_group(monkeypatch):
+    """Past the spectra memory budget the bases are transformed in groups (forward) and their spectra recomputed
+    per group (backward): with one basis per group, output and gradients equal the single-group run (float64)."""
+    from hf_fastattn.ops.conv import fft
+
+    q, k, v = _qkv(2, 4, 2, 33, 6)
+    valid = _padding(2, 33)
+    do = torch.randn(2, 4, 33, 6, dtype=F64)
+
+    def run():
+        args = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = conv_attention(*args, 0.4, k_bases=5, placement="search", T=3, kv_valid=valid)
+        return (out, *torch.autograd.grad(out, args, do))
+
+    ref = run()
+    monkeypatch.setattr(fft, "_FFT_BUDGET", 1)  # one basis per group
+    for a, b in zip(run(), ref):
+        assert (a - b).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("n", [37, 41, 50])  # 2N - 2 = 72, 80, 98: the first two are FFT-fast lengths
+def test_single_basis_fft_does_not_wrap(n):
+    """With one basis (a Toeplitz head) a row's convolution spans lags 0..2N - 2: the FFT length must be >= 2N - 1,
+    or the last product wraps around onto row 0 (several bases each span less, so only this case shows it)."""
+    q, k, v = _qkv(1, 2, 1, n, 8)
+    lengths = torch.tensor([n])
+    starts, cum = recover(ScoreColumns(q, k, 0.4, lengths), 1, "even")
+    out, _ = conv_fft_apply(cum, starts, v, lengths)
+    assert _rel(out, naive_conv_attention(v, starts, cum, 2)) < 1e-10
+
+
+def test_uniformly_negative_logits_keep_their_shift():
+    """Softmax is shift invariant: a head whose logits all sit near -200 still gets its attention. The per-head
+    shift is the largest entry some valid (i, j) reads, not the zeros stored past the length, so exp does not
+    underflow to 0 / 0 in float32."""
+    n, d, s = 64, 8, 0.5
+    q, k, v = _qkv(1, 2, 1, n, d, std=0.3, dtype=torch.float32)
+    q[..., 0] += 20.0
+    k[..., 0] -= 20.0  # s q.k ~ -200 everywhere
+    lengths = torch.tensor([n])
+    starts, cum = recover(ScoreColumns(q.double(), k.double(), s, lengths), 4, "even")
+    ref = naive_conv_attention(v.double(), starts, cum, 2)
+    out = conv_attention(q, k, v, s, k_bases=4)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max().item() < 1e-3  # measured <= 7.4e-5: float32 logits near -200 round by ~1e-5

@@ -137,3 +137,16 @@ def test_exact_fused_dispatch(monkeypatch, nq, nk, window, pad, fused):
         do = torch.randn_like(out)
         for a, b_ in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
             assert (a - b_).abs().max().item() < 1e-12
+
+
+def test_exact_accepts_integer_padding_mask():
+    """kv_valid may come as a 0/1 integer mask (HF attention masks are int64): it is read as bool, so the result
+    equals the bool mask's (an int mask used as is would be bit-inverted by `~`), gradients included."""
+    q, k, v, valid = _inputs(2, 4, 2, 30, 30, 8, True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ref = naive_attention(q, k, v, 0.4, True, 7, None, valid)
+    out = exact_attention(q, k, v, 0.4, True, 7, None, valid.long(), block=8)
+    assert (out - ref).abs().max().item() < 1e-12
+    do = torch.randn_like(out)
+    for a, b_ in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert (a - b_).abs().max().item() < 1e-12

@@ -13,6 +13,7 @@ from hf_fastattn.ops.poly.chunk import poly_chunk_attention, poly_direct_attenti
 from hf_fastattn.ops.poly.features import (
     FeatureMap,
     check_feature_count,
+    feature_count,
     gaussian_output_error,
     poly_coefficients,
     poly_eval,
@@ -341,3 +342,55 @@ def test_guard_statistics_per_head_with_gqa_and_padding():
             sigmas.append(s * ((qh.T @ qh / n) * (kh.T @ kh / len(kh))).sum().sqrt())  # sqrt(tr(Mq Mk))
         assert st.bound[head] == pytest.approx(max(bounds).item(), rel=1e-5)
         assert st.sigma[head] == pytest.approx(max(sigmas).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- boundaries (mutation audit)
+def test_fit_that_goes_negative_is_rejected(monkeypatch):
+    """poly_coefficients refuses a fit whose minimum on the real line is <= 0 (the softmax normaliser could vanish).
+    The fits that do go negative are ill-conditioned ones (degree 6 on [-16, 16] here, LAPACK-dependent), so the
+    minimum is patched: a fit whose minimum is exactly 0 must raise."""
+    from hf_fastattn.ops.poly import features
+
+    monkeypatch.setattr(features, "poly_minimum", lambda coeffs: 0.0)
+    with pytest.raises(ValueError, match="is not positive on the real line"):
+        features.poly_coefficients(2, "fit", 1.2345)  # arguments no other test uses (the function is cached)
+
+
+def test_feature_cap_is_inclusive():
+    """feature_cap is the largest allowed r: r == cap is accepted, cap = r - 1 raises."""
+    r = feature_count(12, 2)
+    assert check_feature_count(12, 2, r) == r
+    with pytest.raises(ValueError, match="above feature_cap"):
+        check_feature_count(12, 2, r - 1)
+
+
+def test_row_whose_only_far_key_is_slot_zero():
+    """has_far_key at its boundary: the row at slot `band` has exactly one far key, slot 0. Its band logits are
+    about -200, so its shift must still cover that far key (a shift by the band maximum makes exp(-m) = e^200,
+    inf in float32), in the chunked and in the direct path. (1e-4: float32 logits near -200 round by ~1e-5.)"""
+    n, d, band = 32, 8, 8
+    q, k, v = _qkv(1, 2, 2, n, n, d, std=0.1, dtype=torch.float32)
+    q[:, :, band, 0] += 20.0
+    k[:, :, 1 : band + 1, 0] -= 20.0  # s q.k ~ -200 on the whole band of row `band`; slot 0 stays near 0
+    coeffs = poly_coefficients(2)
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), 0.5, coeffs, band)
+    out = poly_chunk_attention(q, k, v, 0.5, coeffs, band, 8)
+    assert torch.isfinite(out).all() and (out.double() - ref).abs().max().item() < 1e-4
+    row = poly_direct_attention(q[:, :, band : band + 1], k[:, :, : band + 1], v[:, :, : band + 1], 0.5, coeffs, band)
+    assert torch.isfinite(row).all() and (row.double() - ref[:, :, band : band + 1]).abs().max().item() < 1e-4
+
+
+def test_rows_without_far_keys_shift_by_their_band():
+    """Rows that see no far key (here: a band covering every key) are plain softmax rows: their shift is the band
+    maximum, not the far bound. With every logit near -200 a shift by the far bound (>= 0) would underflow every
+    float32 weight to 0 and return 0 rows. (1e-4: float32 logits near -200 round by ~1e-5.)"""
+    n, d = 24, 8
+    q, k, v = _qkv(1, 2, 2, n, n, d, std=0.1, dtype=torch.float32)
+    q[..., 0] += 20.0
+    k[..., 0] -= 20.0  # s q.k ~ -200 everywhere
+    coeffs = poly_coefficients(2)
+    ref = naive_attention(q.double(), k.double(), v.double(), 0.5)
+    out = poly_chunk_attention(q, k, v, 0.5, coeffs, n, 8)
+    assert (out.double() - ref).abs().max().item() < 1e-4
+    last = poly_direct_attention(q[:, :, -3:], k, v, 0.5, coeffs, n)
+    assert (last.double() - ref[:, :, -3:]).abs().max().item() < 1e-4
