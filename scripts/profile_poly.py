@@ -76,14 +76,19 @@ def run_variant(spec: str, a) -> str:
         f" | other {total - sum(t for t, _ in ours):.1f}"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=131072, help="sequence length")
     p.add_argument("--heads", type=int, default=16, help="heads H (K/V heads too)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension D")
     p.add_argument("--chunk", type=int, default=64, help="chunk size")
     p.add_argument("--variants", nargs="+", default=["tile=16"], help="schedules to time (see the module doc)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    known = {"tile", "rows", "segment", "save", *pt.TUNING}
+    for spec in a.variants:  # a misspelt knob would time the default schedule under another name
+        bad = sorted({kv.split("=")[0] for kv in spec.split(",") if kv} - known)
+        if bad or not all("=" in kv for kv in spec.split(",") if kv):
+            raise SystemExit(f"--variants: {spec!r} is not KEY=VALUE[,KEY=VALUE] over {', '.join(sorted(known))}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_poly.py needs a CUDA GPU")
     print(f"n={a.n} H={a.heads} D={a.head_dim} bf16 fwd+bwd, CUDA ms per kernel (TFLOP/s)", flush=True)

@@ -315,3 +315,39 @@ def test_gpu_session_deadline_and_kill(tmp_path):
         assert "zombie" in state  # killed, not yet reaped by init
     except FileNotFoundError:
         pass
+
+
+def test_gpu_session_commands_parse(tmp_path):
+    """The GPU stages' own command lines (not the smoke's), checked here since a GPU session has one try: every
+    bench method resolves and has a FLOP count at every length, the model's arms parse, and the profile's variants
+    name real knobs (a misspelt one is refused instead of timing the default under another name)."""
+    import argparse
+
+    from hf_fastattn import bench, bench_model
+    from hf_fastattn.evaluation import parse_arm
+
+    gs = _gpu_session()
+    import profile_poly
+
+    plan = {s.name: s for s in gs.stages(False, tmp_path, "h200")}
+    assert list(plan) == ["tests", "bench-d128", "bench-d64", "profile", "model", "targets"]
+    for name, d in (("bench-d128", 128), ("bench-d64", 64)):
+        p = argparse.ArgumentParser()
+        bench.add_arguments(p)
+        args = p.parse_args(plan[name].cmd[2:])
+        assert (args.device, args.dtype, args.heads, args.head_dim) == ("cuda", "bf16", 16, d)
+        assert args.out.endswith(f"attention-h200-bf16-d{d}.json") and "131072" in args.lengths
+        methods = args.methods.split("+")
+        assert methods[:2] == ["sdpa", gs.POLY] and all(callable(bench._method_fn(m, args)) for m in methods)
+        args.device = "cpu"  # the FLOP count's state budget without asking CUDA (as scripts/poly_targets.py does)
+        for n in map(int, args.lengths.split(",")):
+            assert all(bench.flop_count(m, 1, 16, 16, n, d, "fwdbwd", args) > 0 for m in methods)
+    p = argparse.ArgumentParser()
+    bench_model.add_arguments(p)
+    model = p.parse_args(plan["model"].cmd[4:])
+    assert [parse_arm(a)[0] for a in model.arms] == ["sdpa", "poly", "band:local_window=128"]
+    variants = plan["profile"].cmd[plan["profile"].cmd.index("--variants") + 1:]
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):  # every variant passed the check
+        profile_poly.main(["--variants", *variants])
+    with pytest.raises(SystemExit, match="'stage_read=1' is not KEY=VALUE"):
+        profile_poly.main(["--variants", "tile=16", "stage_read=1"])
