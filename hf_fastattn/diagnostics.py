@@ -15,6 +15,7 @@ by setting, one op call per group).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -302,7 +303,7 @@ def depth_sweep(model, batch, settings: dict, progress=None) -> dict:
             loss = _lm_loss(model, batch)
             loss.backward()
             g = _grads(model)
-            rows.append({"layers": depth, "loss": float(loss), "loss_delta": float(loss - loss_ref),
+            rows.append({"layers": depth, "loss": loss.item(), "loss_delta": (loss - loss_ref).item(),
                          "grad_rel_err": float((g - g_ref).norm() / g_ref.norm())})
             if progress is not None:
                 progress.update(1)
@@ -390,22 +391,25 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
 
 # ------------------------------------------------------------------------------------------ planning
 def setting_cost(options: dict, n: int, d: int) -> float:
-    """Relative FLOPs per head of a setting at sequence length n (matmuls and FFTs only)."""
+    """FLOPs per head of a setting's forward at sequence length n: the benchmark's count (`bench.flop_count`, the
+    torch chunk path for poly). A band or basis covering every token runs exact attention; a sliding window
+    (method band) reads W keys a row."""
+    from .bench import flop_count
+
     cfg = FastAttnConfig(**options)
-    if cfg.method == "exact":
-        return float(n) * n * d  # causal: half of 2 n^2 d, for scores and values
-    if cfg.method == "poly":
-        if cfg.local_window >= n:
-            return float(n) * n * d
-        r = FeatureMap.get(d, cfg.degree).r
-        lag = math.ceil(cfg.local_window / cfg.chunk_size) if cfg.local_window else 0
-        return n * (4.0 * r * (d + 1) + 4.0 * cfg.chunk_size * (lag + 1) * d)
-    return n * cfg.conv_k * (d + 1) * 10.0 * math.log2(2 * n) + 2.0 * n * cfg.conv_k * d
+    args = argparse.Namespace(device="cpu", dtype="fp32", degree=cfg.degree, band=cfg.local_window,
+                              chunk=cfg.chunk_size, kernel="torch", conv_k=cfg.conv_k)
+    if _covers(options, n) or cfg.method == "exact":
+        return flop_count("exact", 1, 1, 1, n, d, "fwd", args)
+    if cfg.method == "band":
+        return 4.0 * n * cfg.local_window * d
+    return flop_count(cfg.method, 1, 1, 1, n, d, "fwd", args)
 
 
 def _covers(options: dict, n: int) -> bool:
+    """Is the setting exact at length n by construction (a band or a basis as long as the sequence)?"""
     cfg = FastAttnConfig(**options)
-    return (cfg.method == "poly" and cfg.local_window >= n) or (cfg.method == "conv" and cfg.conv_k >= n)
+    return (cfg.method in ("poly", "band") and cfg.local_window >= n) or (cfg.method == "conv" and cfg.conv_k >= n)
 
 
 def plan(report: Report, budget: float, *, length: int | None = None, settings: list[str] | None = None) -> dict:

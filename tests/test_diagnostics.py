@@ -211,3 +211,116 @@ def test_plan_roundtrip_and_validation(tmp_path):
     model.config.fastattn_config = {"plan": {"settings": {"e": {}}, "layers": {"0": ["e"] * 3}}}
     with pytest.raises(ValueError, match="lists 3 heads; the layer has 4"):
         model(input_ids=_tokens(1, 8, 0))
+
+
+def test_layer_entropy_ranges_and_norms_equal_direct_computation():
+    """Per head, against a loop over real query rows: the entropy is the mean over real rows (padding rows left
+    out) of -sum p ln p in nats; max|s q.k| ranges over visible pairs only (a huge key in a padded slot counts for
+    nothing); |K|_inf = sqrt(s) max|k| of the head's own KV head (GQA)."""
+    b, h, hkv, n, d, s = 2, 4, 2, 20, 8, 0.3
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    k[:, 1] *= 3.0
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, :4] = False  # left padding
+    valid[1, -5:] = False  # right padding: these rows still see real keys
+    k[0, :, 1] *= 100.0  # a padded key that would dominate every range
+    stats, _ = layer_stats(q, k, v, valid, dict(scale=s, window=None, softcap=None), {}, 0)
+    for head in range(h):
+        kh = k[:, head // 2]
+        ents, top = [], 0.0
+        for i in range(b):
+            for t in range(n):
+                if not valid[i, t]:
+                    continue
+                keys = [j for j in range(t + 1) if valid[i, j]]
+                x = s * kh[i, keys] @ q[i, head, t]
+                p = torch.softmax(x.double(), 0)
+                ents.append(-(p * p.log()).sum().item())
+                top = max(top, x.abs().max().item())
+        st = stats[head]
+        assert st.entropy == pytest.approx(sum(ents) / len(ents), rel=1e-4)
+        assert st.logit_max == pytest.approx(top, rel=1e-5)
+        assert st.k_inf == pytest.approx(math.sqrt(s) * kh.abs().max().item(), rel=1e-6)
+
+
+def test_diagnose_pools_batches():
+    """Over several batches a head's ranges are the maxima of the per-batch ones and its error is the pooled
+    relative error sqrt(sum ||O_m - O||^2 / sum ||O||^2): it lies between the per-batch errors (the ratio of the
+    sums of both batches, not of one batch's reference)."""
+    _, model = model_pair(tiny_config("llama"))
+    settings = {k: SMALL[k] for k in ("poly-d2-w0", "conv-k4")}
+    x1, x2 = _tokens(1, 48, 11), _tokens(1, 48, 12)
+    one, two = (diagnose(model, x, settings, depth_settings=[], progress=False) for x in (x1, x2))
+    both = diagnose(model, [x1, x2], settings, depth_settings=[], progress=False)
+    assert both.meta["batches"] == 2
+    for hb, h1, h2 in zip(both.heads, one.heads, two.heads):
+        for field in ("logit_max", "q_inf", "k_inf", "rms_logit"):
+            assert getattr(hb, field) == pytest.approx(max(getattr(h1, field), getattr(h2, field)), rel=1e-6)
+        for name in settings:
+            lo, hi = sorted((h1.errors[name], h2.errors[name]))
+            assert lo * (1 - 1e-5) <= hb.errors[name] <= hi * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name, options", [("conv-k16", {"method": "conv", "conv_k": 16}),
+                                           ("poly-w16", {"method": "poly", "local_window": 16})])
+def test_plan_budget_is_inclusive_and_covering_settings_are_skipped(name, options):
+    """A measured error equal to the budget qualifies ("<= budget"); a basis or band exactly as long as the
+    measured rows (conv k = n, band = n) was exact by construction, so its zero error says nothing and the
+    setting is never planned (both are cheaper than exact at 8192 tokens with d = 8)."""
+    def report(tokens):
+        head = HeadStats(layer=0, head=0, sliding=False, logit_max=0.1, q_inf=0.1, k_inf=0.1, entropy=1.0,
+                         rms_logit=0.01, errors={name: 0.05}, feasible={name: True})
+        return Report([head], {}, {"settings": {name: options}, "tokens_per_row": tokens, "head_dim": 8})
+
+    assert plan(report(17), 0.05)["layers"]["0"] == [name]
+    assert plan(report(17), 0.0499)["layers"]["0"] == ["exact"]
+    assert plan(report(16), 0.05)["layers"]["0"] == ["exact"]
+
+
+def test_setting_costs_agree_with_the_benchmark_count():
+    """The planner's cost model is the benchmark's FLOP count (one head, forward, torch chunk path): a band adds
+    its chunks (even a band of one key), a conv basis costs (D + 1) FFTs of length 2N, causal exact attention
+    2 N^2 D (the planner once took half that, and so refused linear settings up to twice as cheap as exact); a
+    band covering every token runs exact attention and costs what exact does; a sliding window 4 N W D."""
+    import argparse
+
+    from hf_fastattn.bench import flop_count
+    from hf_fastattn.diagnostics import setting_cost
+
+    args = argparse.Namespace(device="cpu", dtype="fp32", degree=2, band=0, chunk=128, kernel="torch", conv_k=16)
+    n, d = 4096, 16
+    for band in (0, 1, 64, 300):
+        for degree in (2, 4):
+            cost = setting_cost({"method": "poly", "degree": degree, "local_window": band}, n, d)
+            assert cost == pytest.approx(flop_count(f"poly:degree={degree},band={band}", 1, 1, 1, n, d, "fwd", args))
+    for kb in (4, 64):
+        assert setting_cost({"method": "conv", "conv_k": kb}, n, d) == pytest.approx(
+            flop_count(f"conv:k={kb}", 1, 1, 1, n, d, "fwd", args))
+    exact = setting_cost({"method": "exact"}, n, d)
+    assert exact == flop_count("exact", 1, 1, 1, n, d, "fwd", args) == 2.0 * n * n * d  # causal: half of 4 N^2 D
+    assert setting_cost({"method": "poly", "local_window": n}, n, d) == exact
+    assert setting_cost({"method": "band", "local_window": 64}, n, d) == 4.0 * n * 64 * d
+
+
+def test_evaluate_plan_end_to_end_numbers_equal_direct_computation():
+    """evaluate_plan's end-to-end numbers against the two models run directly: the logits' relative error
+    ||L_plan - L|| / ||L|| (a norm ratio, not its square) and the language-model losses, with padded tokens
+    left out of the labels."""
+    cfg = tiny_config("llama")
+    _, model = model_pair(cfg)
+    p = _round_robin_plan(cfg, {"exact": {"method": "exact"}, "c": {"method": "conv", "conv_k": 4}})
+    x = _tokens(2, 40, 13)
+    mask = torch.ones_like(x)
+    mask[0, -6:] = 0  # right padding (a left-padded row's first label is predicted from a padding row)
+    realised = evaluate_plan(model, p, {"input_ids": x, "attention_mask": mask})
+    exact, planned = model_pair(cfg)[1], model_pair(cfg)[1]
+    hf_fastattn.configure(exact, method="exact")
+    hf_fastattn.configure(planned, guard="off", plan=p)
+    labels = x.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        a = exact(input_ids=x, attention_mask=mask, labels=labels)
+        b = planned(input_ids=x, attention_mask=mask, labels=labels)
+    rel = ((b.logits - a.logits).norm() / a.logits.norm()).item()
+    assert 1e-4 < rel and realised["logit_rel_err"] == pytest.approx(rel, rel=1e-3)
+    assert realised["loss_exact"] == pytest.approx(a.loss.item(), rel=1e-5)
+    assert realised["loss_plan"] == pytest.approx(b.loss.item(), rel=1e-5)

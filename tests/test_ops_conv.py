@@ -334,3 +334,19 @@ def test_uniformly_negative_logits_keep_their_shift():
     out = conv_attention(q, k, v, s, k_bases=4)
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max().item() < 1e-3  # measured <= 7.4e-5: float32 logits near -200 round by ~1e-5
+
+
+def test_dense_reference_masks_padded_key_columns():
+    """naive_conv_attention's kv_valid removes padded *keys* (columns): with left padding a real row attends to
+    its valid keys only (the other tests pad on the right, where masking rows instead would look the same)."""
+    b, h, n, kb = 2, 2, 24, 3
+    v = torch.randn(b, 1, n, 4, dtype=F64)
+    starts = torch.tensor([0, 7, 15]).expand(b, 1, kb)
+    cum = torch.randn(b, h, kb, n, dtype=F64)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, :5] = False  # left padding
+    out = naive_conv_attention(v, starts, cum, h, valid)
+    scores = dense_scores(starts, cum, n)
+    for i in range(5, n):
+        p = torch.softmax(scores[0, :, i, 5 : i + 1], -1)  # [H, keys 5..i]
+        assert torch.allclose(out[0, :, i], p @ v[0, 0, 5 : i + 1], atol=1e-12)

@@ -394,3 +394,51 @@ def test_rows_without_far_keys_shift_by_their_band():
     assert (out.double() - ref).abs().max().item() < 1e-4
     last = poly_direct_attention(q[:, :, -3:], k, v, 0.5, coeffs, n)
     assert (last.double() - ref[:, :, -3:]).abs().max().item() < 1e-4
+
+
+def test_guard_prediction_edges():
+    """predicted_error at its edges: NaN statistics (an overflowed head) predict an infinite error, so the guard
+    flags the head instead of passing it (NaN > tolerance is False); a zero rms logit (all-zero queries) predicts
+    the table's smallest error instead of failing in log(0); `worst` is the largest per-head prediction (the
+    number the guard's message leads with)."""
+    from hf_fastattn.ops.poly.guard import GuardStats, predicted_error
+
+    coeffs = tuple(poly_coefficients(2))
+    assert predicted_error(coeffs, math.nan) == math.inf and predicted_error(coeffs, math.inf) == math.inf
+    tiny = predicted_error(coeffs, 0.0)
+    assert 0 <= tiny <= gaussian_output_error(coeffs, 1e-3) * 1.001 and tiny == predicted_error(coeffs, 1e-6)
+    assert predicted_error(coeffs, 0.5) == pytest.approx(gaussian_output_error(coeffs, 0.5), rel=1e-2)
+    st = GuardStats(bound=[1.0, 2.0, 3.0], sigma=[0.1, 0.9, 0.2], predicted=[0.01, 0.3, 0.02],
+                    worst_weight_error=[0.0] * 3)
+    assert st.worst == 0.3
+
+
+def test_auto_kernel_dispatch(monkeypatch):
+    """kernel="auto": Triton for degree 2, D <= 128 (128 included: the measured H100 shape), 16/32-bit CUDA
+    tensors, at the kernels' own chunk (_TRITON_CHUNK, whatever `chunk` says); a kernel failure warns once, falls
+    back to the torch path (same function) and is not retried. The kernels are replaced by a recorder here."""
+    from hf_fastattn.ops import poly as poly_mod
+
+    pytest.importorskip("triton")
+    from hf_fastattn.ops.poly import triton as poly_triton
+
+    monkeypatch.setattr(poly_mod, "_TRITON_FAILED", [])
+    uses = poly_mod.auto_uses_triton
+    assert uses(True, 2, 128, torch.bfloat16) and uses(True, 2, 64, torch.float32) and uses(True, 2, 16, torch.float16)
+    assert not uses(True, 2, 129, torch.bfloat16) and not uses(True, 2, 64, torch.float64)
+    assert not uses(True, 4, 64, torch.bfloat16) and not uses(False, 2, 64, torch.bfloat16)
+
+    calls = []
+
+    def fake(q, k, v, scale, c, band, chunk, *args, **kwargs):
+        calls.append(chunk)
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(poly_triton, "poly_triton_attention", fake)
+    monkeypatch.setattr(poly_mod, "auto_uses_triton", lambda is_cuda, *rest: uses(True, *rest))  # as if on CUDA
+    q, k, v = _qkv(1, 2, 2, 40, 40, 8, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="poly Triton kernels failed"):
+        out = poly_attention(q, k, v, 0.3, chunk=16, band=3)
+    assert calls == [poly_mod._TRITON_CHUNK]
+    assert torch.allclose(out, poly_attention(q, k, v, 0.3, chunk=16, band=3, kernel="torch"), atol=1e-6)
+    assert calls == [poly_mod._TRITON_CHUNK]  # not retried

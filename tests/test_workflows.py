@@ -3,6 +3,7 @@ through fastattn's own backward), long-context evaluation, the offline perplexit
 diagnose, bench, bench-model). Each checks its outputs, not just that it ran."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -351,3 +352,149 @@ def test_gpu_session_commands_parse(tmp_path):
         profile_poly.main(["--variants", *variants])
     with pytest.raises(SystemExit, match="'stage_read=1' is not KEY=VALUE"):
         profile_poly.main(["--variants", "tile=16", "stage_read=1"])
+
+
+class _Bigram(torch.nn.Module):
+    """A stub causal LM: the logits at position t depend on token t only (a random bigram table)."""
+
+    def __init__(self, vocab=259):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+    def nll(self, prev, token):  # -log p(token | prev), computed on its own
+        return -torch.log_softmax(self.table[prev].double(), 0)[token].item()
+
+
+def test_window_nll_and_copy_probe_score_the_next_token():
+    """window_nll sums -log p(x_t | x_<t) over t >= 1 of each of the first `max_windows` non-overlapping windows
+    and counts only those predicted tokens; copy_probe averages the same per-token NLL over the positions its masks
+    mark (token t predicted from t - 1): checked against a stub bigram model, term by term."""
+    import numpy as np
+
+    from hf_fastattn.data import copy_probe as make
+    from hf_fastattn.evaluation import copy_probe, window_nll
+
+    model = _Bigram()
+    ids = torch.randint(0, 259, (70,))
+    total, count = window_nll(model, ids, 16, max_windows=3, batch=2)  # 4 windows fit; 3 are scored
+    expected = sum(model.nll(ids[w * 16 + t - 1], ids[w * 16 + t]) for w in range(3) for t in range(1, 16))
+    assert count == 3 * 15 and total == pytest.approx(expected, rel=1e-5)
+
+    source = np.random.default_rng(0).integers(0, 256, 600).astype(np.uint8)
+    res = copy_probe(model, source, length=64, distance=20, rows=3, passage=8)
+    x, m1, m2 = make(source, 3, 64, 8, 20, seed=11)
+    for key, m in (("first", m1), ("second", m2)):
+        terms = [model.nll(x[r, t - 1], x[r, t]) for r in range(3) for t in range(64) if m[r, t]]
+        assert res[key] == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_passkey_scores_the_generated_continuation():
+    """passkey: the prompt holds the key once, ends with the question, and is scored on the 5 generated tokens only
+    (a stub that reads the key out of the prompt scores 1.0; the prompt's own last byte is not part of the answer)."""
+    import numpy as np
+
+    from hf_fastattn.evaluation import passkey
+
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, x, max_new_tokens, **_):
+            text = bytes(x[0].tolist())
+            at = text.index(b" the pass key is ") + len(b" the pass key is ")
+            key = torch.tensor(list(text[at : at + max_new_tokens]))[None]
+            return torch.cat([x, key], 1)
+
+    source = np.frombuffer(b"lorem ipsum dolor sit amet " * 40, dtype=np.uint8)
+    assert passkey(Reader(), source, [200], [0.0, 0.5, 1.0], trials=2) == {"200@0.0": 1.0, "200@0.5": 1.0,
+                                                                            "200@1.0": 1.0}
+
+
+def test_probe_rows_put_copies_and_needles_where_they_say():
+    """copy_probe: the second copy starts exactly `distance` after the first, both masks cover the passage minus
+    its first byte (unpredictable), and the masked second-copy tokens repeat the first copy. passkey_prompt: exactly
+    `length` bytes, the needle at relative `depth` of the filler, the question last."""
+    import random
+
+    import numpy as np
+
+    from hf_fastattn.data import copy_probe, encode, passkey_prompt
+
+    source = np.random.default_rng(1).integers(0, 256, 1000).astype(np.uint8)
+    ids, m1, m2 = copy_probe(source, 5, 96, 12, 30, seed=3)
+    for r in range(5):
+        p1, p2 = m1[r].nonzero().flatten(), m2[r].nonzero().flatten()
+        assert len(p1) == len(p2) == 11 and torch.equal(p2, p1 + 30)
+        assert torch.equal(ids[r, p2], ids[r, p1]) and torch.equal(ids[r, p2[0] - 1], ids[r, p1[0] - 1])
+    needle, question = encode(" the pass key is 12345. "), encode(" the pass key is ")
+    filler = 300 - len(needle) - len(question)
+    for depth in (0.0, 0.25, 1.0):
+        ids, end = passkey_prompt(source, 300, depth, "12345", random.Random(0))
+        assert len(ids) == end == 300 and bytes(ids[-len(question):]) == bytes(question)
+        at = bytes(ids).index(bytes(needle))
+        assert at == int(depth * filler)
+
+
+def test_stdlib_split_is_a_disjoint_tenth():
+    """The corpus split is by file: every file lands in exactly one split, held-out is ~10 % of the files, and
+    test directories are left out (a synthetic library of 300 files)."""
+    import tempfile
+
+    from hf_fastattn.data import stdlib_text
+
+    with tempfile.TemporaryDirectory() as root:
+        for i in range(300):
+            (Path(root) / f"mod{i}.py").write_text(f"x = {i}")
+        (Path(root) / "tests").mkdir()
+        (Path(root) / "tests" / "test_a.py").write_text("x = -1")
+        train, held = (set(stdlib_text(s, root=root).split("\n\n")) for s in ("train", "heldout"))
+    assert not train & held and train | held == {f"x = {i}" for i in range(300)}
+    assert 10 <= len(held) <= 60
+
+
+def test_windows_are_whole_batches():
+    """loading.windows: consecutive non-overlapping [batch, length] windows, a partial last batch dropped (one
+    window when not even a batch fits), at most max_batches."""
+    from hf_fastattn.loading import windows
+
+    out = windows(torch.arange(95), 10, 3)  # 9 rows -> 3 batches of 3
+    assert [w.shape for w in out] == [(3, 10)] * 3 and torch.equal(torch.cat(out).flatten(), torch.arange(90))
+    assert [w.shape for w in windows(torch.arange(105), 10, 3)] == [(3, 10)] * 3  # the 10th row is dropped
+    assert [w.shape for w in windows(torch.arange(25), 10, 3)] == [(1, 10)]
+    assert len(windows(torch.arange(95), 10, 3, max_batches=2)) == 2
+
+
+def test_bench_flop_counts_and_scaling():
+    """flop_count: causal softmax attention is 4 B H N^2 D / 2 forward and 3.5x that forward + backward; a conv
+    basis costs (D + 1) real FFT pairs of length 2N (5 * 2N log2(2N)) plus its score columns; in a GQA group each
+    query head does its own readout and band, only the state build is shared. compare: speedups are sdpa / method,
+    exponents the log-log slope over the `fit_points` longest lengths."""
+    import argparse
+
+    from hf_fastattn import bench
+
+    args = argparse.Namespace(device="cpu", dtype="fp32", degree=2, band=0, chunk=64, kernel="torch", conv_k=16)
+    fwd = bench.flop_count("sdpa", 2, 4, 4, 256, 32, "fwd", args)
+    assert fwd == 4 * 2 * 4 * 256**2 * 32 / 2
+    assert bench.flop_count("exact", 2, 4, 4, 256, 32, "fwdbwd", args) == 3.5 * fwd
+    conv = bench.flop_count("conv:k=8", 1, 2, 2, 512, 16, "fwd", args)
+    assert conv == pytest.approx(2 * 8 * (17 * 5 * 2 * 512 * math.log2(1024) + 2 * 512 * 16))
+    one, gqa, mha = (bench.flop_count("poly:band=32", 1, h, hkv, 1024, 16, "fwd", args) for h, hkv in
+                     ((1, 1), (4, 1), (4, 4)))
+    assert mha == pytest.approx(4 * one) and 2 * one < gqa < mha
+
+    times = ((100, 1.0, 2.0), (200, 2.0, 2.0), (400, 8.0, 4.0), (800, 32.0, 8.0))  # n, sdpa ms, poly ms
+    rows = [{"method": m, "mode": "fwd", "n": n, "ms": ms} for n, s, p in times for m, ms in (("sdpa", s), ("poly", p))]
+    rows.append({"method": "poly", "mode": "fwd", "n": 1600, "error": "oom"})
+    exps = bench.compare(rows, "method", 2)
+    assert exps["sdpa"]["fwd"] == pytest.approx(2.0) and exps["poly"]["fwd"] == pytest.approx(1.0)
+    assert [r.get("speedup_vs_sdpa") for r in rows if r["method"] == "poly"] == [0.5, 1.0, 2.0, 4.0, None]
+    ns = [1e3, 2e3, 4e3, 8e3]
+    assert bench.scaling_exponent(ns, [3.0 * n**1.5 for n in ns]) == pytest.approx(1.5)
+    assert math.isnan(bench.scaling_exponent([512, 512], [1.0, 2.0]))
