@@ -102,7 +102,7 @@ def run(args, checkpoint=None) -> dict:
                                 lambda: time_step(step, device, args.repeats, args.warmup))
                 results.append(row)
                 if "ms" in row:
-                    steps = args.repeats + args.warmup
+                    steps = row["runs"] + args.warmup  # the step runs counted by stats.COUNTS
                     row.update(tokens_per_s=args.batch * n / row["ms"] * 1e3,
                                ops={k: v / steps for k, v in sorted(stats.COUNTS.items())})
                     if "held" in seen:

@@ -2,8 +2,6 @@
 gradcheck, decode from a prefill state, overflow-safe numerics, memory structure, and the recorded error on
 generic content."""
 
-import math
-
 import pytest
 import torch
 
