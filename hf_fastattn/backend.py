@@ -25,8 +25,10 @@ import torch
 
 from .config import get_config
 from .ops.exact import exact_attention
+from .ops.sinks import check_sinks
 
-# method name -> fn(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module) -> [B, H, Nq, D]
+# method name -> fn(q, k, v, *, scale, causal, window, softcap, sinks, kv_valid, cfg, layer_idx, module)
+# -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}
 # fn(module, layer_idx, q, k, v, kv_valid, segments, opts) called before every attention call (diagnostics)
 _HOOKS: list[Callable] = []
@@ -43,16 +45,16 @@ def register_method(name: str):
 
 
 @register_method("exact")
-def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
-    return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block)
+def _run_exact(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
+    return exact_attention(q, k, v, scale, causal, window, softcap, kv_valid, cfg.exact_block, sinks)
 
 
 @register_method("band")
-def _run_band(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
+def _run_band(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
     if cfg.local_window < 1:
         raise ValueError("fastattn method 'band' needs local_window >= 1 (the number of keys each query sees)")
     w = cfg.local_window if window is None else min(window, cfg.local_window)
-    return exact_attention(q, k, v, scale, causal, w, softcap, kv_valid, cfg.exact_block)
+    return exact_attention(q, k, v, scale, causal, w, softcap, kv_valid, cfg.exact_block, sinks)
 
 
 _warned: set = set()
@@ -94,12 +96,12 @@ def _finite_or_exact(out, method, layer_idx, fallback):
 
 
 @register_method("poly")
-def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
+def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
     from .ops.poly import guard_stats, poly_attention, poly_coefficients
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
-                          cfg=cfg, layer_idx=layer_idx)
+                          cfg=cfg, layer_idx=layer_idx, sinks=sinks)
 
     # Sliding layers are already linear in N, and a band covering every key is exact attention.
     if window is not None or cfg.local_window >= k.shape[2]:
@@ -110,7 +112,7 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     out = poly_attention(
         q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
-        save_states=cfg.poly_save_states,
+        save_states=cfg.poly_save_states, sinks=sinks,
     )
     return _finite_or_exact(out, "poly", layer_idx, exact)
 
@@ -119,17 +121,20 @@ _CONV_STATE = "_fastattn_conv_state"
 
 
 @register_method("conv")
-def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None):
+def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
     """Prefill/training: recover the basis and apply it by FFT; in inference the basis is kept on the module
     so that later rows (decode, chunked prefill) extend the same approximation instead of recomputing it."""
     from .ops.conv import conv_attention, conv_decode, state_matches
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
-                          cfg=cfg, layer_idx=layer_idx)
+                          cfg=cfg, layer_idx=layer_idx, sinks=sinks)
 
     if window is not None:  # sliding layers are already linear in N
         return exact()
+    if sinks is not None:
+        raise ValueError(f"fastattn method 'conv' does not implement attention sinks (s_aux), which layer {layer_idx} "
+                         "passes; use method 'poly', 'band' or 'exact' for it (or a per-head plan without conv)")
     nq = q.shape[2]
     if nq < k.shape[2]:
         state = getattr(module, _CONV_STATE, None)
@@ -157,6 +162,56 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
 
 
 # ----------------------------------------------------------------------------------------------- mask
+# transformers builds the mask it asks for as a composition of index functions (`mask_function`). The compact mask
+# carries causal order, a sliding window (passed to the attention call again) and padding / packing (the 2D mask
+# and position_ids); any other part would be dropped, so it is refused by name.
+_MASK_PARTS_KEPT = {"causal_mask_function", "sliding_window_overlay", "padding_mask_function",
+                    "packed_sequence_mask_function"}
+_MASK_PARTS_NAMED = {
+    "chunked_overlay": "chunked attention (config.attention_chunk_size, as in Llama 4)",
+    "blockwise_overlay": "block-bidirectional attention (block_sequence_ids)",
+    "bidirectional_mask_function": "bidirectional attention",
+    "sliding_window_bidirectional_overlay": "bidirectional sliding-window attention",
+}
+
+
+def _mask_leaves(fn, seen=None):
+    """The index functions a transformers mask function is composed of: wrappers (and_masks, or_masks, the
+    packed-sequence remap, offsets) are looked through via the callables their closures hold."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    inner = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if callable(item) and not isinstance(item, torch.Tensor):
+                inner.append(item)
+    if not inner:
+        return [fn]
+    return [leaf for item in inner for leaf in _mask_leaves(item, seen)]
+
+
+def check_mask_function(mask_function) -> None:
+    """Raise if `mask_function` (transformers' composed mask) holds a part the compact mask cannot express."""
+    if mask_function is None:
+        return
+    for leaf in _mask_leaves(mask_function):
+        qualname = getattr(leaf, "__qualname__", type(leaf).__name__)
+        name = qualname.split(".<locals>")[0]  # the factory that made a closure
+        if name in _MASK_PARTS_KEPT and getattr(leaf, "__module__", "").startswith("transformers."):
+            continue
+        what = _MASK_PARTS_NAMED.get(name, f"a custom mask part ({getattr(leaf, '__module__', '?')}.{qualname}, e.g. "
+                                           "bidirectional image-token blocks)")
+        raise ValueError(f"fastattn supports causal, sliding-window, padded and packed attention; this model's mask "
+                         f"also has {what}, which the backend would ignore. Load it with attn_implementation='eager' "
+                         "or 'sdpa'.")
+
+
 @torch.compiler.disable  # host-side shape checks; see the module docstring
 def fastattn_mask(
     batch_size: int,
@@ -174,6 +229,7 @@ def fastattn_mask(
     `kv_offset + j`. L = q_offset - kv_offset + q_length is the number of filled slots (< kv_length only
     for a static cache, whose tail slots are empty).
     """
+    check_mask_function(kwargs.get("mask_function"))
     filled = int(q_offset) - int(kv_offset) + q_length  # a StaticLayer gives q_offset as a 0-dim tensor
     if not 0 < filled <= kv_length:
         raise ValueError(
@@ -241,6 +297,24 @@ def _repack(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, b: int, n
 
 
 # ------------------------------------------------------------------------------------------- backend
+# Keywords that some model families pass to change the attention function itself: ignoring one would give wrong
+# numbers without a word, so each is refused unless it is None.
+_UNSUPPORTED = {
+    "position_bias": "an additive position bias (T5-style relative attention)",
+    "sinks": "per-token attention sinks (only GPT-OSS-style per-head sinks, s_aux, are implemented)",
+    "indices": "sparse attention over selected keys",
+    "block_indices": "block-sparse attention over selected key blocks",
+    "topk_indices": "sparse attention over selected keys",
+}
+
+
+def _refuse_unsupported(kwargs: dict) -> None:
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"fastattn does not implement {what}, which this model passes as `{name}`; "
+                             "load it with attn_implementation='eager' or 'sdpa'")
+
+
 @torch.compiler.disable  # one graph break per layer under torch.compile; see the module docstring
 def fastattn_attention_forward(
     module: torch.nn.Module,
@@ -265,9 +339,10 @@ def fastattn_attention_forward(
             "fastattn never forms the attention matrix, so output_attentions=True is not supported; "
             "use attn_implementation='eager' to inspect attention weights"
         )
+    _refuse_unsupported(kwargs)
     if scaling is None:
         scaling = module.head_dim**-0.5
-    if not getattr(module, "is_causal", True):
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise ValueError(
             "fastattn supports causal (decoder) attention only; this layer has is_causal=False "
             "(e.g. use_bidirectional_attention=True). Use attn_implementation='sdpa' for it."
@@ -289,8 +364,9 @@ def fastattn_attention_forward(
     if cfg.method not in _METHODS:  # e.g. a method whose module failed to import
         raise ValueError(f"fastattn_config['method']={cfg.method!r} is not available; registered: {sorted(_METHODS)}")
     run = _METHODS[cfg.method]
-    opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, cfg=cfg, layer_idx=layer_idx,
-                module=module)
+    sinks = check_sinks(kwargs.get("s_aux"), query.shape[1])  # GPT-OSS: one logit per query head (ops/sinks.py)
+    opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, sinks=sinks, cfg=cfg,
+                layer_idx=layer_idx, module=module)
 
     heads = cfg.head_plan(layer_idx)
     if heads is not None:
@@ -317,7 +393,7 @@ class _GroupState:
     """Where a plan group's method keeps per-layer state (e.g. the conv basis for decoding)."""
 
 
-def _run_plan(q, k, v, *, heads, cfg, module, **opts):
+def _run_plan(q, k, v, *, heads, cfg, module, sinks=None, **opts):
     """A mixed plan: heads grouped by setting, one op call per group, outputs put back in head order.
 
     A group made of whole GQA groups keeps sharing its KV heads; otherwise each query head gets its own
@@ -337,7 +413,8 @@ def _run_plan(q, k, v, *, heads, cfg, module, **opts):
         qi = torch.tensor(idx, device=q.device)
         sub = cfg.setting(name)
         out = _METHODS[sub.method](q.index_select(1, qi), k.index_select(1, kv_idx), v.index_select(1, kv_idx),
-                                   cfg=sub, module=states.setdefault(name, _GroupState()), **opts)
+                                   cfg=sub, module=states.setdefault(name, _GroupState()),
+                                   sinks=None if sinks is None else sinks.index_select(0, qi), **opts)
         outs.append(out)
         order += idx
     inverse = torch.empty(h, dtype=torch.long, device=q.device)

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss")
 WINDOW = 8
 
 
@@ -51,6 +51,9 @@ def tiny_config(family: str, **overrides):
         cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=sliding_pair)
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=sliding_pair)
+    elif family == "gpt_oss":  # attention sinks (s_aux) on every layer, sliding and full layers alternating
+        cfg = tf.GptOssConfig(**common, sliding_window=WINDOW, layer_types=sliding_pair, num_local_experts=4,
+                              num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     for key, value in overrides.items():
@@ -65,6 +68,10 @@ def model_pair(config, attn: str = "fastattn", reference: str = "eager", seed: i
 
     torch.manual_seed(seed)
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference, dtype=dtype)
+    with torch.no_grad():  # attention sinks start near 0 (std initializer_range); at O(1) a dropped sink shows
+        for name, p in ref.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0.0, 2.0)
     new = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn, dtype=dtype)
     new.load_state_dict(ref.state_dict())
     return ref.eval(), new.eval()

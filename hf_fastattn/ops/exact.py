@@ -18,14 +18,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masks import acc_dtype, check_qkv, dense_mask, group_queries, key_range, repeat_kv, visible
+from .sinks import check_sinks, fold_sink, sink_grad, softmax_with_sink
 from .stats import count
 
 # Scores per block: B * H * rows * keys <= this many elements (~128 MiB in float32).
 _BLOCK_ELEMENTS = 1 << 25
 
 
-def naive_attention(q, k, v, scale, causal=True, window=None, softcap=None, kv_valid=None):
-    """Dense reference. q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] -> [B, H, Nq, D]. Fully masked rows give 0."""
+def naive_attention(q, k, v, scale, causal=True, window=None, softcap=None, kv_valid=None, sinks=None):
+    """Dense reference. q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] -> [B, H, Nq, D]. Fully masked rows give 0.
+    sinks: [H] logits joining every row's softmax with a zero value (`ops.sinks`)."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     s = (q @ k.transpose(-1, -2)) * scale
@@ -33,8 +35,7 @@ def naive_attention(q, k, v, scale, causal=True, window=None, softcap=None, kv_v
         s = softcap * torch.tanh(s / softcap)
     mask = dense_mask(q.shape[2], k.shape[2], causal, window, kv_valid, q.device)
     s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return p @ v
+    return softmax_with_sink(s, sinks) @ v
 
 
 def _block_rows(b: int, h: int, nk: int, block: int, window: int | None = None) -> int:
@@ -134,20 +135,28 @@ def _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, 
 
 class ExactAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window, softcap, kv_valid, block):
+    def forward(ctx, q, k, v, scale, causal, window, softcap, kv_valid, block, sinks):
         count("exact.forward")
         out, lse = _exact_fwd(q, k, v, scale, causal, window, softcap, kv_valid, block)
-        ctx.save_for_backward(q, k, v, out, lse, kv_valid)
+        if sinks is not None:  # the row lse is a shift with den = 1 (rows that see no key: lse = inf, den = 0)
+            seen = torch.isfinite(lse).view(q.shape[:3])
+            out, m, den = fold_sink(out, lse.view(seen.shape), seen.to(lse.dtype), sinks)
+            lse = (m + torch.log(den)).view_as(lse)
+        ctx.save_for_backward(q, k, v, out, lse, kv_valid, sinks)
         ctx.args = (scale, causal, window, softcap, block)
         return out
 
     @staticmethod
     def backward(ctx, do):
         count("exact.backward")
-        q, k, v, out, lse, kv_valid = ctx.saved_tensors
+        q, k, v, out, lse, kv_valid, sinks = ctx.saved_tensors
         scale, causal, window, softcap, block = ctx.args
         dq, dk, dv = _exact_bwd(do, q, k, v, out, lse, scale, causal, window, softcap, kv_valid, block)
-        return dq, dk, dv, None, None, None, None, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[9]:
+            lse = lse.view(q.shape[:3])
+            dsinks = sink_grad(do, out, lse, torch.ones_like(lse), sinks)
+        return dq, dk, dv, None, None, None, None, None, None, dsinks
 
 
 # SDPA kernels with memory linear in N (the CPU's fused kernel is its FLASH_ATTENTION backend)
@@ -176,6 +185,7 @@ def exact_attention(
     softcap: float | None = None,
     kv_valid: torch.Tensor | None = None,
     block: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention, O(N) memory forward and backward.
 
@@ -187,12 +197,14 @@ def exact_attention(
         softcap: logits -> softcap * tanh(logits / softcap) before the softmax (Gemma2).
         kv_valid: [B, Nk] bool, False for padded key slots.
         block: query rows per block (0: automatic, and the plain causal case may run torch's fused SDPA).
+        sinks: [H] attention-sink logits (GPT-OSS's s_aux), one per query head, or None.
 
     Returns:
         [B, H, Nq, D]; rows that see no key are 0.
     """
     check_qkv(q, k, v)
-    plain = causal and window is None and softcap is None and kv_valid is None and not block
+    sinks = check_sinks(sinks, q.shape[1])
+    plain = causal and window is None and softcap is None and kv_valid is None and not block and sinks is None
     if plain and q.shape[2] in (1, k.shape[2]):
         out = _fused_sdpa(q, k, v, float(scale))
         if out is not None:
@@ -200,4 +212,4 @@ def exact_attention(
             return out
     if kv_valid is not None:
         kv_valid = kv_valid.to(device=q.device, dtype=torch.bool)
-    return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block)
+    return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block, sinks)

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from ..masks import check_qkv
+from ..sinks import check_sinks
 from .chunk import poly_chunk_attention, poly_direct_attention
 from .features import FeatureMap, check_feature_count, poly_coefficients
 from .guard import GuardStats, guard_stats
@@ -51,6 +52,7 @@ def poly_attention(
     feature_cap: int = 65536,
     kernel: str = "auto",
     save_states: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal polynomial attention: exp(x) -> P(x) beyond an exact band of `band` keys.
 
@@ -66,31 +68,34 @@ def poly_attention(
             "triton".
         save_states: Triton only: keep the boundary prefix states from the forward for the backward (one
             sweep less; up to 10 GiB per call held until the backward) instead of recomputing them.
+        sinks: [H] attention-sink logits (GPT-OSS's s_aux) joining every row's normaliser, or None.
 
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
     """
     check_qkv(q, k, v)
+    sinks = check_sinks(sinks, q.shape[1])
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton'; got {kernel!r}")
     c = poly_coefficients(degree, coeffs, fit_range)
     check_feature_count(q.shape[-1], degree, feature_cap)
     if q.shape[2] <= chunk:
-        return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid)
+        return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid, sinks)
     if kernel == "triton":
         from .triton import poly_triton_attention
 
-        return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, save_states=save_states)
+        return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, save_states=save_states,
+                                     sinks=sinks)
     if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype):
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
             return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid,
-                                         save_states=save_states)
+                                         save_states=save_states, sinks=sinks)
         except torch.OutOfMemoryError:  # not a kernel failure: the torch path would not fit either
             raise
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
             _TRITON_FAILED.append(repr(err))
             warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
                           "(kernel='torch' silences this, kernel='triton' raises)", RuntimeWarning, stacklevel=2)
-    return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid)
+    return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, sinks)

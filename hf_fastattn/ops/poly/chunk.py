@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import acc_dtype
+from ..sinks import fold_sink, sink_grad
 from ..stats import count
 from .features import FeatureMap, abs_poly, poly_deriv, poly_eval
 
@@ -225,29 +226,39 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
 
 class PolyChunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, valid, scale, coeffs, band, chunk, softcap):
+    def forward(ctx, q, k, v, valid, scale, coeffs, band, chunk, softcap, sinks):
         count("poly.forward")
         out, m, den = poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap)
-        ctx.save_for_backward(q, k, v, valid, out, m, den)
+        if sinks is not None:  # see ops/sinks.py: the backward below is exact for the folded (out, m, den)
+            rows = q.shape[:3]  # m, den: [B, Hkv, G, N] -> [B, H, N]
+            out, m2, den2 = fold_sink(out, m.view(rows), den.view(rows), sinks)
+            m, den = m2.view_as(m), den2.view_as(den)
+        ctx.save_for_backward(q, k, v, valid, out, m, den, sinks)
         ctx.args = (scale, coeffs, band, chunk, softcap)
         return out
 
     @staticmethod
     def backward(ctx, do):
         count("poly.backward")
-        q, k, v, valid, out, m, den = ctx.saved_tensors
-        dq, dk, dv = poly_chunk_bwd(do.contiguous(), q, k, v, valid, out, m, den, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, valid, out, m, den, sinks = ctx.saved_tensors
+        do = do.contiguous()
+        dq, dk, dv = poly_chunk_bwd(do, q, k, v, valid, out, m, den, *ctx.args)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[9]:
+            dsinks = sink_grad(do, out, m.view(q.shape[:3]), den.view(q.shape[:3]), sinks)
+        return dq, dk, dv, None, None, None, None, None, None, dsinks
 
 
-def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None):
+def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, sinks=None):
     """Linear-time polynomial attention. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D] -> [B, H, Nq, D].
+    sinks: [H] attention-sink logits or None (`ops.sinks`).
 
     Pads the key slots on the left (so the first query starts a chunk) and both on the right (to whole
     chunks) with invalid slots; the padding is sliced off the result.
     """
     qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
-    out = PolyChunkFunction.apply(qp, kp, vp, valid, float(scale), tuple(coeffs), int(band), int(chunk), softcap)
+    out = PolyChunkFunction.apply(qp, kp, vp, valid, float(scale), tuple(coeffs), int(band), int(chunk), softcap,
+                                  sinks)
     return out[:, :, : q.shape[2]]
 
 
@@ -265,7 +276,7 @@ def pad_to_chunks(q, k, v, kv_valid, chunk):
     return F.pad(q, (0, 0, 0, right)).contiguous(), kp.contiguous(), vp.contiguous(), valid
 
 
-def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None):
+def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None):
     """The same function computed directly against every key (decode: O(Nq Nk D)); autograd backward."""
     count("poly.direct")
     b, h, nq, d = q.shape
@@ -282,8 +293,13 @@ def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid
         xn = x if softcap is None else softcap * torch.tanh(x / softcap)
         near = (dist >= 0) & (dist < band) & valid[:, None, None, None, :]
         m = row_shift(torch.where(near, xn, NEG_INF).amax(-1), bound, has_far)
+        if sinks is not None:
+            sink = sinks.detach().to(dt).view(1, hkv, h // hkv, 1)
+            m = torch.maximum(m, sink)
     w, _ = direct_weights(x, dist, valid, band, coeffs, softcap, m)
     nd = w @ _with_ones(v.to(dt))[:, :, None]
     den = nd[..., -1:]
+    if sinks is not None:
+        den = den + torch.exp(sinks.to(dt).view(1, hkv, h // hkv, 1) - m)[..., None]
     out = nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
     return out.reshape(b, h, nq, -1).to(q.dtype)

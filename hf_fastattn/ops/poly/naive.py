@@ -10,24 +10,26 @@ from __future__ import annotations
 import torch
 
 from ..masks import dense_mask, repeat_kv
+from ..sinks import softmax_with_sink
 from .features import poly_eval
 
 
-def _mixed_attention(a, v, coeffs, band, softcap, kv_valid):
-    """a: [B, H, Nq, Nk] scaled logits, v: [B, H, Nk, D]."""
+def _mixed_attention(a, v, coeffs, band, softcap, kv_valid, sinks=None):
+    """a: [B, H, Nq, Nk] scaled logits, v: [B, H, Nk, D], sinks: [H] or None."""
     nq, nk = a.shape[-2:]
     dist = torch.arange(nq, device=a.device)[:, None] + (nk - nq) - torch.arange(nk, device=a.device)[None, :]
     near = a if softcap is None else softcap * torch.tanh(a / softcap)
     logw = torch.where(dist < band, near, torch.log(poly_eval(coeffs, a)))
     logw = logw.masked_fill(~dense_mask(nq, nk, True, None, kv_valid, a.device), float("-inf"))
-    return torch.softmax(logw, dim=-1).nan_to_num(0.0) @ v
+    return softmax_with_sink(logw, sinks) @ v
 
 
-def naive_poly_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None):
-    """q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D] (queries are the last Nq keys) -> [B, H, Nq, D]."""
+def naive_poly_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None):
+    """q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D] (queries are the last Nq keys) -> [B, H, Nq, D].
+    sinks: [H] attention-sink logits (`ops.sinks`): one more weight exp(sink) in every row's normaliser."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    return _mixed_attention(scale * q @ k.transpose(-1, -2), v, coeffs, band, softcap, kv_valid)
+    return _mixed_attention(scale * q @ k.transpose(-1, -2), v, coeffs, band, softcap, kv_valid, sinks)
 
 
 def naive_rope_poly_attention(q, k, v, scale, coeffs, rotation, band=0, kv_valid=None):

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..sinks import fold_sink, sink_grad
 from ..stats import count
 from .chunk import far_log_bound, has_far_key, pad_to_chunks
 
@@ -1049,14 +1050,16 @@ class PolyTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, valid, bound, hasfar, scale, coeffs, band, chunk, softcap, tile, segment, rows,
-                save_states):
+                save_states, sinks):
         count("poly_triton.forward")
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         weights = (float(scale), *(float(c) for c in coeffs))
         ta, tb = _tiles(p.d, tile, q.device)
         st, sd = _key_states(p, k, v, valid, ta, tb, weights)
         out, m, den = _readout(p, q, k, v, valid, bound, hasfar, ta, tb, st, sd, weights, band, softcap)
-        ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb)
+        if sinks is not None:  # ops/sinks.py: the kernels' backward is exact for the folded (out, m, den)
+            out, m, den = fold_sink(out, m, den, sinks)
+        ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb, sinks)
         # not saved tensors: the backward drops them once read (it holds U next), a second one rebuilds them
         ctx.states = (st, sd) if save_states else None
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
@@ -1065,7 +1068,7 @@ class PolyTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         count("poly_triton.backward")
-        q, k, v, valid, out, m, den, ta, tb = ctx.saved_tensors
+        q, k, v, valid, out, m, den, ta, tb, sinks = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         weights = (float(scale), *(float(c) for c in coeffs))
@@ -1115,7 +1118,8 @@ class PolyTritonFunction(torch.autograd.Function):
         # one cast at a time: at 1M tokens each float32 gradient is gigabytes
         dq = dq.to(q.dtype)
         dk = dk.to(k.dtype)
-        return (dq, dk, dvv.to(v.dtype)) + (None,) * 12
+        dsinks = sink_grad(do, out, m, den, sinks) if sinks is not None and ctx.needs_input_grad[15] else None
+        return (dq, dk, dvv.to(v.dtype)) + (None,) * 12 + (dsinks,)
 
 
 def default_rows(chunk: int, dtype: torch.dtype, d: int) -> int:
@@ -1127,7 +1131,7 @@ def default_rows(chunk: int, dtype: torch.dtype, d: int) -> int:
 
 
 def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, tile=BA,
-                          segment="auto", rows_per_block=None, save_states=False):
+                          segment="auto", rows_per_block=None, save_states=False, sinks=None):
     """Degree-2 polynomial attention with the fused kernels: same signature and function as
     `poly_chunk_attention`. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D].
 
@@ -1137,7 +1141,8 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     trade state memory for direct work. rows_per_block: query chunks per readout program, sharing each state
     slice it reads (1 or 2; None: `default_rows`). save_states: keep the boundary states from the forward for
     the backward instead of recomputing them there (saves one key sweep; holds up to the state budget per call
-    until the backward, which a many-layer model at long context cannot afford)."""
+    until the backward, which a many-layer model at long context cannot afford). sinks: [H] attention-sink
+    logits or None (`ops.sinks`)."""
     if rows_per_block is None:
         rows_per_block = default_rows(chunk, q.dtype, max(q.shape[-1], v.shape[-1]))
     if tile not in (8, 16):
@@ -1173,5 +1178,5 @@ def poly_triton_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None
     hasfar = has_far_key(valid, slots, band).to(torch.int32).contiguous()
     out = PolyTritonFunction.apply(qp, kp, vp, valid.to(torch.int32).contiguous(), bound.float().contiguous(),
                                    hasfar, float(scale), tuple(float(c) for c in coeffs), int(band), int(chunk),
-                                   softcap, int(tile), int(segment), int(rows_per_block), bool(save_states))
+                                   softcap, int(tile), int(segment), int(rows_per_block), bool(save_states), sinks)
     return out[:, :, :nq]
