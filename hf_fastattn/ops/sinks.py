@@ -35,7 +35,8 @@ def fold_sink(out: torch.Tensor, m: torch.Tensor, den: torch.Tensor, sinks: torc
     m2 = torch.maximum(m, s)
     keep = den * torch.exp(m - m2)
     den2 = keep + torch.exp(s - m2)
-    return (out * (keep / den2).unsqueeze(-1).to(out.dtype)), m2, den2
+    # one rounding for 16-bit outputs: the product in float32, then the cast
+    return (out.to(den2.dtype) * (keep / den2).unsqueeze(-1)).to(out.dtype), m2, den2
 
 
 def sink_grad(do: torch.Tensor, out: torch.Tensor, m: torch.Tensor, den: torch.Tensor, sinks: torch.Tensor):
