@@ -132,9 +132,6 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
 
     if window is not None:  # sliding layers are already linear in N
         return exact()
-    if sinks is not None:
-        raise ValueError(f"fastattn method 'conv' does not implement attention sinks (s_aux), which layer {layer_idx} "
-                         "passes; use method 'poly', 'band' or 'exact' for it (or a per-head plan without conv)")
     nq = q.shape[2]
     if nq < k.shape[2]:
         state = getattr(module, _CONV_STATE, None)
@@ -143,11 +140,11 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
                        "this sequence (the cache was filled elsewhere, or beams were reordered); these rows are "
                        "computed exactly")
             return exact()
-        out, state = conv_decode(q, k, v, scale, state, softcap, kv_valid)
+        out, state = conv_decode(q, k, v, scale, state, softcap, kv_valid, sinks)
     else:
         out, state = conv_attention(q, k, v, scale, k_bases=cfg.conv_k, placement=cfg.conv_placement, T=cfg.conv_T,
                                     delta=cfg.conv_delta, eps=cfg.conv_eps, softcap=softcap, kv_valid=kv_valid,
-                                    return_state=True)
+                                    return_state=True, sinks=sinks)
         rows = q.shape[0] * q.shape[1] * nq
         if state.direct_rows > 0.1 * rows:
             _warn_once(("conv-direct", layer_idx), f"fastattn conv (layer {layer_idx}): {state.direct_rows}/{rows} rows "

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,7 +208,6 @@ def _restore(model, before, impl):
 
 # ----------------------------------------------------------------------------------- per-layer stats
 def _setting_output(q, k, v, kv_valid, opts, options: dict):
-    """A setting's output on captured inputs, or None where the backend would refuse it (conv with sinks)."""
     cfg = FastAttnConfig(**options)
     sinks = _sinks(opts)
     if cfg.method == "poly":
@@ -217,10 +215,9 @@ def _setting_output(q, k, v, kv_valid, opts, options: dict):
         return naive_poly_attention(q, k, v, opts["scale"], coeffs, cfg.local_window, opts["softcap"], kv_valid,
                                     sinks)
     if cfg.method == "conv":
-        if sinks is not None:
-            return None
         return conv_attention(q, k, v, opts["scale"], k_bases=cfg.conv_k, placement=cfg.conv_placement, T=cfg.conv_T,
-                              delta=cfg.conv_delta, eps=cfg.conv_eps, softcap=opts["softcap"], kv_valid=kv_valid)
+                              delta=cfg.conv_delta, eps=cfg.conv_eps, softcap=opts["softcap"], kv_valid=kv_valid,
+                              sinks=sinks)
     return naive_attention(q, k, v, opts["scale"], True, None, opts["softcap"], kv_valid, sinks)
 
 
@@ -263,9 +260,8 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
         if sliding:  # every method runs sliding layers exactly
             err_sq = torch.zeros(h)
         else:
-            out = _setting_output(q, k, v, kv_valid, opts, options)
-            refused = out is None  # the backend raises for it: an infinite error, never planned
-            err_sq = torch.full((h,), math.inf) if refused else (((out.float() - ref) * rows) ** 2).sum((0, 2, 3))
+            out = _setting_output(q, k, v, kv_valid, opts, options).float()
+            err_sq = (((out - ref) * rows) ** 2).sum((0, 2, 3))
         sums[name] = err_sq
     stats = []
     for head in range(h):
@@ -281,7 +277,7 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
                 st.predicted[name] = predicted_error(coeffs, guard.sigma[head])
                 st.feasible[name] = FeatureMap.get(d, cfg.degree).r <= cfg.feature_cap
             else:
-                st.feasible[name] = not (cfg.method == "conv" and opts.get("sinks") is not None and not sliding)
+                st.feasible[name] = True
         stats.append(st)
     return stats, {"ref_sq": ref_sq, "err_sq": sums}
 
@@ -387,14 +383,6 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
                              for s in settings}
                 heads.append(st)
         backend._HOOKS.remove(capture)
-        if any(opts.get("sinks") is not None for *_, opts in capture.layers.values()):
-            # the backend refuses conv with attention sinks: its layers cannot run it in the depth sweep
-            refused = [s for s in depth_settings if settings[s].get("method") == "conv"]
-            if refused:
-                warnings.warn(f"diagnose: this model's attention has sinks (s_aux), which method 'conv' does not "
-                              f"implement; depth sweep without {refused}", RuntimeWarning, stacklevel=2)
-                depth_settings = [s for s in depth_settings if s not in refused]
-                bar.total -= len(refused) * num_layers
         depth = {}
         if depth_settings and first_batch is not None:
             with torch.enable_grad():

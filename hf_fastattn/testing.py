@@ -11,7 +11,6 @@ import copy
 import torch
 
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss")
-SINK_FAMILIES = ("gpt_oss",)  # their attention passes sinks (s_aux), which method conv refuses
 WINDOW = 8
 
 

@@ -8,7 +8,7 @@ import torch
 
 import hf_fastattn
 from hf_fastattn import backend
-from hf_fastattn.testing import FAMILIES, SINK_FAMILIES, cached_forward, model_pair, packing_error, tiny_config
+from hf_fastattn.testing import FAMILIES, cached_forward, model_pair, packing_error, tiny_config
 
 N = 40
 
@@ -28,10 +28,6 @@ def test_families_forward_backward_generate(family):
     _, model = _conv_pair(family)
     model.train()
     x = _tokens(2, N, 0)
-    if family in SINK_FAMILIES:
-        with pytest.raises(ValueError, match="'conv' does not implement attention sinks"):
-            model(input_ids=x)
-        return
     out = model(input_ids=x, labels=x)
     out.loss.backward()
     assert torch.isfinite(out.loss)

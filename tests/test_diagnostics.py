@@ -24,7 +24,7 @@ from hf_fastattn.ops.conv import conv_attention
 from hf_fastattn.ops.exact import naive_attention
 from hf_fastattn.ops.poly import poly_coefficients
 from hf_fastattn.ops.poly.naive import naive_poly_attention
-from hf_fastattn.testing import FAMILIES, SINK_FAMILIES, model_pair, tiny_config
+from hf_fastattn.testing import FAMILIES, model_pair, tiny_config
 
 SMALL = {k: DEFAULT_SETTINGS[k] for k in ("poly-d2-w0", "poly-d2-w64", "conv-k4", "conv-k16")}
 
@@ -163,8 +163,6 @@ def test_mixed_plan_runs_everything(family):
     _, model = model_pair(cfg)
     settings = {"exact": {"method": "exact"}, "p": {"method": "poly", "local_window": 4, "chunk_size": 8},
                 "c": {"method": "conv", "conv_k": 4}}
-    if family in SINK_FAMILIES:  # conv refuses sinks (test_sinks.py)
-        del settings["c"]
     hf_fastattn.configure(model, guard="off", plan=_round_robin_plan(cfg, settings))
     model.train()
     x = _tokens(2, 40, 5)

@@ -67,6 +67,38 @@ def test_poly_sinks_match_naive(band, softcap, chunk):
     _sink_matters(out, q, k, v, 0.4, valid, lambda *a: naive_poly_attention(*a[:4], C2, band, softcap, a[4]))
 
 
+# std 8: logits in the tens, rows below the FFT's error floor are recomputed directly (with the sink too), and the
+# rows left to the FFT carry its absolute error, bounded by 1/RELIABLE of their denominator (ops/conv/fft.py)
+@pytest.mark.parametrize("k_bases, std, tol", [(4, 0.5, 1e-10), (3, 8.0, 1e-4)])
+def test_conv_sinks_match_naive(k_bases, std, tol):
+    """The FFT path and decode against the dense conv reference on the same basis."""
+    from hf_fastattn.ops.conv import conv_attention, conv_decode, naive_conv_attention
+
+    q, k, v, sinks, _ = _inputs(nq=37, nk=37, std=std)
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[0, :5] = False
+    out, state = conv_attention(q, k, v, 0.4, k_bases=k_bases, kv_valid=valid, return_state=True, sinks=sinks)
+    if std > 1:
+        assert state.direct_rows > 0
+    # the reference on the compacted sequence of each row (the op drops padded slots before the Toeplitz fit)
+    for b in range(2):
+        keep = valid[b]
+        ref = naive_conv_attention(v[b : b + 1, :, keep], state.starts[b : b + 1], state.cum[b : b + 1, ..., : int(keep.sum())],
+                                   4, sinks=sinks)
+        assert _rel(out[b : b + 1, :, keep], ref) < tol
+    # decode extends the prefill's basis to the new rows (test_ops_conv.py), sinks included
+    _, state = conv_attention(q[:, :, :-2], k[:, :, :-2], v[:, :, :-2], 0.4, k_bases=k_bases, kv_valid=valid[:, :-2],
+                              return_state=True, sinks=sinks)
+    last, state = conv_decode(q[:, :, -2:], k, v, 0.4, state, kv_valid=valid, sinks=sinks)
+    for b in range(2):
+        keep = valid[b]
+        ref = naive_conv_attention(v[b : b + 1, :, keep], state.starts[b : b + 1], state.cum[b : b + 1, ..., : int(keep.sum())],
+                                   4, sinks=sinks)
+        assert _rel(last[b : b + 1], ref[:, :, -2:]) < tol
+    exact = conv_attention(q, k, v, 0.4, k_bases=37, kv_valid=valid, sinks=sinks)  # a basis per column: exact
+    assert _rel(exact[:, :, 5:], naive_attention(q, k, v, 0.4, kv_valid=valid, sinks=sinks)[:, :, 5:]) < tol
+
+
 def test_sink_gradcheck():
     q, k, v, sinks, valid = _inputs(b=1, h=2, hkv=1, nq=11, nk=13, d=4)
     sinks = torch.tensor([0.3, -0.8], dtype=torch.float64)  # both O(1): every gradient term is exercised
@@ -76,6 +108,10 @@ def test_sink_gradcheck():
         lambda q, k, v, s: poly_attention(q, k, v, 0.5, band=2, chunk=4, kv_valid=valid, kernel="torch", sinks=s), args)
     assert torch.autograd.gradcheck(  # the direct (decode) form
         lambda q, k, v, s: poly_attention(q[:, :, -3:], k, v, 0.5, band=2, chunk=4, kv_valid=valid, sinks=s), args)
+    from hf_fastattn.ops.conv import conv_attention
+
+    q2, k2, v2, s2 = (t.detach().clone().requires_grad_() for t in (q[:, :, -11:], k[:, :, -11:], v[:, :, -11:], sinks))
+    assert torch.autograd.gradcheck(lambda q, k, v, s: conv_attention(q, k, v, 0.5, k_bases=3, sinks=s), (q2, k2, v2, s2))
 
 
 @pytest.mark.parametrize("scale", [40.0, 400.0])
@@ -162,14 +198,6 @@ def test_backend_refuses_what_it_does_not_implement(name, value, message):
     backend.fastattn_attention_forward(_module(), q, k, v, None, scaling=0.3, **{name: None})  # absent: fine
 
 
-def test_conv_refuses_sinks():
-    q, k, v = (torch.randn(1, h, 40, 8) for h in (4, 2, 2))
-    module = _module()
-    module.config.fastattn_config = {"method": "conv"}
-    with pytest.raises(ValueError, match="'conv' does not implement attention sinks"):
-        backend.fastattn_attention_forward(module, q, k, v, None, scaling=0.3, s_aux=torch.zeros(4))
-
-
 def test_mask_parts():
     """The compact mask keeps causal order, windows, padding and packing; anything else in transformers' composed
     mask function is refused by name."""
@@ -219,19 +247,16 @@ def test_gpt_oss_poly_with_sinks_trains():
 
 
 def test_diagnose_model_with_sinks():
-    """Diagnostics measure against exact attention with the sinks (a band covering the sequence is exact, so its
-    error is ~0 only if both sides carry them), mark conv as not runnable, keep it out of the depth sweep and the
-    plan."""
-    from hf_fastattn.diagnostics import diagnose, plan
+    """Diagnostics measure against exact attention with the sinks: settings that are exact by construction (a band,
+    or a conv basis per column, covering the sequence) have error ~0 only if both sides carry them."""
+    from hf_fastattn.diagnostics import diagnose
 
     _, model = model_pair(tiny_config("gpt_oss"))
     ids = torch.randint(3, 97, (2, 48), generator=torch.Generator().manual_seed(0))
-    settings = {"band": {"method": "poly", "local_window": 256}, "poly": {"method": "poly"},
-                "conv": {"method": "conv", "conv_k": 4}}
-    with pytest.warns(RuntimeWarning, match=r"depth sweep without \['conv'\]"):
-        report = diagnose(model, ids, settings, depth_settings=["poly", "conv"], progress=False)
-    assert set(report.depth) == {"poly"}
+    settings = {"band": {"method": "poly", "local_window": 256}, "conv-all": {"method": "conv", "conv_k": 256},
+                "poly": {"method": "poly"}, "conv": {"method": "conv", "conv_k": 4}}
+    report = diagnose(model, ids, settings, depth_settings=["conv"], progress=False)
     full = [h for h in report.heads if not h.sliding]
-    assert full and all(h.errors["band"] < 1e-5 and h.errors["poly"] > 1e-3 for h in full)
-    assert all(not h.feasible["conv"] and h.errors["conv"] == float("inf") for h in full)
-    assert "conv" not in {s for heads in plan(report, 10.0)["layers"].values() for s in heads}
+    assert full and all(h.errors["band"] < 1e-5 and h.errors["conv-all"] < 1e-5 for h in full)
+    assert all(h.errors["poly"] > 1e-3 and h.errors["conv"] > 1e-3 for h in full)
+    assert set(report.depth) == {"conv"}

@@ -1,11 +1,12 @@
 """Attention sinks: one learned logit per query head that joins every row's softmax with a zero value.
 
 GPT-OSS (and models built like it) pass `s_aux` [H] to the attention function: row i's weights become
-exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)), so a head can put weight "nowhere". Every op here keeps a row
-shift m and a denominator den (o = num / den, weights exp(logw - m)); a sink is one more term of den. Folding
-it in after the op's forward and saving the folded (out, m, den) keeps the op's own backward exact: that
-backward reads dL/dnum = do / den and dL/dden = -(do . o) / den from exactly those tensors. The sink's own
-gradient is dL/dsink = -sum_i p_sink,i (do_i . o_i), with p_sink,i = exp(sink - m_i) / den_i.
+exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)), so a head can put weight "nowhere". The exact and poly ops keep a
+row shift m and a denominator den (o = num / den, weights exp(logw - m)); a sink is one more term of den.
+Folding it in after the op's forward and saving the folded (out, m, den) keeps the op's own backward exact:
+that backward reads dL/dnum = do / den and dL/dden = -(do . o) / den from exactly those tensors. The sink's own
+gradient is dL/dsink = -sum_i p_sink,i (do_i . o_i), with p_sink,i = exp(sink - m_i) / den_i. (The conv op's
+denominator is an autograd tensor: it adds the term directly, `conv/fft.py`.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..masks import check_qkv
+from ..sinks import check_sinks
 from .basis import DenseColumns, ScoreColumns, placed_starts, recover, search_starts
 from .fft import conv_fft_apply, direct_rows
 from .naive import conv_matrix, conv_sum, dense_scores, naive_conv_attention
@@ -82,6 +83,7 @@ def conv_attention(
     softcap: float | None = None,
     kv_valid: torch.Tensor | None = None,
     return_state: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Causal conv-basis attention over a whole sequence.
 
@@ -93,11 +95,13 @@ def conv_attention(
         softcap: logits -> softcap * tanh(logits / softcap), applied to the basis entries (Gemma2).
         kv_valid: [B, N] bool, False on padded slots (rows at padded slots return 0).
         return_state: also return the `ConvState` for `conv_decode`.
+        sinks: [H] attention-sink logits (GPT-OSS's s_aux), one more term exp(sink) in each row's normaliser.
 
     Returns:
         out [B, H, N, D] (and the state). Cost O(k N D log N) time, O(k N + N D) memory per head.
     """
     check_qkv(q, k, v)
+    sinks = check_sinks(sinks, q.shape[1])
     if q.shape[2] != k.shape[2]:
         raise ValueError("conv_attention needs Nq == Nk (use conv_decode with a ConvState for later rows)")
     if k_bases < 1:
@@ -107,7 +111,7 @@ def conv_attention(
     qc, kc, vc = _gather_seq(q, perm), _gather_seq(k, perm), _gather_seq(v, perm)
     oracle = ScoreColumns(qc, kc, scale, lengths)
     starts, cum = recover(oracle, min(k_bases, n), placement, T, delta, eps)
-    out, n_direct = conv_fft_apply(_softcap(cum, softcap), starts, vc, lengths)
+    out, n_direct = conv_fft_apply(_softcap(cum, softcap), starts, vc, lengths, sinks)
     if perm is not None:
         out = torch.zeros_like(out).scatter(2, perm[:, None, :, None].expand_as(out), out)
     if not return_state:
@@ -130,12 +134,13 @@ def state_matches(state: ConvState | None, k: torch.Tensor, kv_valid: torch.Tens
     return torch.allclose(_fingerprint(kc, state.lengths), state.fingerprint, rtol=1e-6, atol=1e-6)
 
 
-def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None):
+def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None, sinks=None):
     """The conv-basis approximation for the last Nq rows, given the prefill's state: O(Nq N D).
 
     q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache). Returns (out, new state).
     """
     check_qkv(q, k, v)
+    sinks = check_sinks(sinks, q.shape[1])
     b, h, nq, _ = q.shape
     perm, lengths = _compaction(kv_valid, b, k.shape[2], k.device)
     kc, vc = _gather_seq(k, perm), _gather_seq(v, perm)
@@ -154,7 +159,8 @@ def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None):
     rb, rh, rr = torch.meshgrid(torch.arange(b, device=q.device), torch.arange(h, device=q.device),
                                 torch.arange(nq, device=q.device), indexing="ij")
     ri = old[rb] + rr
-    out = direct_rows(_softcap(cum, softcap), state.starts, vc, lengths, rb.reshape(-1), rh.reshape(-1), ri.reshape(-1), h // k.shape[1])
+    out = direct_rows(_softcap(cum, softcap), state.starts, vc, lengths, rb.reshape(-1), rh.reshape(-1), ri.reshape(-1),
+                      h // k.shape[1], sinks=sinks)
     out = out.view(b, h, nq, -1).to(v.dtype)
     new_state = ConvState(state.starts, cum.detach(), lengths, state.basis_keys, _fingerprint(kc.detach(), lengths))
     return out, new_state

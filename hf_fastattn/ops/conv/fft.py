@@ -64,17 +64,21 @@ def basis_rows(cum, starts, lengths, rows_b, rows_h, rows_i, n):
     return scores.masked_fill(~keep, float("-inf"))
 
 
-def direct_rows(cum, starts, v, lengths, rows_b, rows_h, rows_i, groups, block=256):
+def direct_rows(cum, starts, v, lengths, rows_b, rows_h, rows_i, groups, block=256, sinks=None):
     """Softmax rows of the conv-basis approximation computed directly: [R, D]. Row i reads keys 0..i only,
-    so rows are processed in order of i, each block against just the keys its last row sees."""
+    so rows are processed in order of i, each block against just the keys its last row sees. sinks: [H]
+    attention-sink logits joining each row's softmax (`ops.sinks`), or None."""
     order = torch.argsort(rows_i)
     out = torch.empty(rows_b.numel(), v.shape[-1], dtype=acc_dtype(v.dtype), device=v.device)
     for r0 in range(0, rows_b.numel(), block):
         sel = order[r0 : r0 + block]
         rb, rh, ri = rows_b[sel], rows_h[sel], rows_i[sel]
         n = int(ri.max()) + 1
-        s = basis_rows(cum, starts, lengths, rb, rh, ri, n)
-        p = torch.softmax(s.to(out.dtype), -1).nan_to_num(0.0)
+        s = basis_rows(cum, starts, lengths, rb, rh, ri, n).to(out.dtype)
+        if sinks is None:
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+        else:
+            p = torch.softmax(torch.cat([s, sinks[rh].to(s.dtype)[:, None]], -1), -1)[:, :-1]
         out = out.index_put((sel,), (p[:, None, :] @ v[rb, rh // groups, :n].to(p.dtype))[:, 0])
     return out
 
@@ -145,9 +149,10 @@ class ConvFFTFunction(torch.autograd.Function):
         return de.view(b, h, k, n), dvt, None, None
 
 
-def conv_fft_apply(cum, starts, v, lengths):
+def conv_fft_apply(cum, starts, v, lengths, sinks=None):
     """cum [B, H, k, N] (scaled logits), starts [B, Hs, k] (Hs = 1: shared by all heads), v [B, Hkv, N, D],
-    lengths [B] -> (out [B, H, N, D], number of rows recomputed directly)."""
+    lengths [B], sinks [H] attention-sink logits or None -> (out [B, H, N, D], number of rows recomputed
+    directly)."""
     b, h, k, n = cum.shape
     hkv, d = v.shape[1], v.shape[-1]
     g = h // hkv
@@ -158,6 +163,9 @@ def conv_fft_apply(cum, starts, v, lengths):
     cum = cum.to(dt)
     shift = torch.where(dvalid, cum, float("-inf")).amax((-1, -2)).detach()  # [B, H]
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    if sinks is not None:  # one more normaliser term exp(sink - shift): the shift covers it too, so it is <= 1
+        sink = sinks.to(dt)[None].expand(b, h)
+        shift = torch.maximum(shift, sink.detach())
     e = torch.exp(torch.where(dvalid, cum - shift[..., None, None], float("-inf")))  # [B, H, k, N], <= 1
     seg = segments(starts, lengths, n)  # [B, Hs, N]
     vt = torch.cat([v.to(dt), torch.ones_like(v[..., :1], dtype=dt)], -1).transpose(-1, -2)  # [B, Hkv, D+1, N]
@@ -166,6 +174,8 @@ def conv_fft_apply(cum, starts, v, lengths):
     size = fast_length(2 * n)
     nd = ConvFFTFunction.apply(e, vt.contiguous(), seg, size).transpose(-1, -2)  # [B, H, N, D+1]
     den = nd[..., -1]
+    if sinks is not None:
+        den = den + torch.exp(sink - shift)[..., None]
     # absolute FFT error bound of the denominator: eps log2(L) sum_u |e_u|_2 sqrt(segment length)
     seglen = torch.stack([(seg == u).sum(-1) for u in range(k)], -1).to(dt)  # [B, Hs, k]
     eps = torch.finfo(dt).eps
@@ -177,5 +187,5 @@ def conv_fft_apply(cum, starts, v, lengths):
     count = int(unreliable.sum())
     if count:
         rb, rh, ri = unreliable.nonzero(as_tuple=True)
-        out = out.index_put((rb, rh, ri), direct_rows(cum, starts, v, lengths, rb, rh, ri, g).to(out.dtype))
+        out = out.index_put((rb, rh, ri), direct_rows(cum, starts, v, lengths, rb, rh, ri, g, sinks=sinks).to(out.dtype))
     return out.to(v.dtype), count

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import repeat_kv
+from ..sinks import softmax_with_sink
 
 
 def conv_matrix(b: torch.Tensor, m: int) -> torch.Tensor:
@@ -39,14 +40,13 @@ def dense_scores(starts: torch.Tensor, cum: torch.Tensor, n: int) -> torch.Tenso
     return torch.where(i[:, None] >= i[None, :], h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
-def naive_conv_attention(v, starts, cum, heads, kv_valid=None):
+def naive_conv_attention(v, starts, cum, heads, kv_valid=None, sinks=None):
     """D^{-1} (M o exp(H_hat)) V with H_hat from the conv basis: v [B, Hkv, N, D], starts [B, H or 1, k],
-    cum [B, H, k, N] (cumulative bases in scaled-logit units) -> [B, H, N, D]."""
+    cum [B, H, k, N] (cumulative bases in scaled-logit units) -> [B, H, N, D]. sinks: [H] or None."""
     n = v.shape[2]
     v = repeat_kv(v, heads // v.shape[1])
     h = dense_scores(starts, cum, n)
     mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()[None, None]
     if kv_valid is not None:
         mask = mask & kv_valid[:, None, None, :]
-    p = torch.softmax(h.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
-    return p @ v
+    return softmax_with_sink(h.masked_fill(~mask, float("-inf")), sinks) @ v
