@@ -169,10 +169,7 @@ def _module(h=4, hkv=2):
 
 def test_backend_plan_splits_sinks_by_head():
     """A mixed plan runs each head group with its own heads' sinks."""
-    q, k, v, sinks, _ = _inputs()
-    q, k, v = (t.float()[..., :29, :] if t is q else t.float() for t in (q, k, v))
-    k, v = k[:, :, -29:], v[:, :, -29:]
-    sinks = sinks.float()
+    q, k, v, sinks = (t.float() for t in _inputs(nq=29, nk=29)[:4])
     module = _module()
     module.config.fastattn_config = {"plan": {"settings": {"e": {"method": "exact"},
                                                            "p": {"method": "poly", "guard": "off", "chunk_size": 8}},

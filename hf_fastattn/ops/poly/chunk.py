@@ -289,17 +289,17 @@ def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid
     has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
     x = (q5 * scale) @ k.to(dt)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk]
     dist = slots[:, None] - torch.arange(nk, device=q.device)[None, :]
+    sink = None if sinks is None else sinks.to(dt).view(1, hkv, h // hkv, 1)
     with torch.no_grad():
         xn = x if softcap is None else softcap * torch.tanh(x / softcap)
         near = (dist >= 0) & (dist < band) & valid[:, None, None, None, :]
         m = row_shift(torch.where(near, xn, NEG_INF).amax(-1), bound, has_far)
-        if sinks is not None:
-            sink = sinks.detach().to(dt).view(1, hkv, h // hkv, 1)
+        if sink is not None:
             m = torch.maximum(m, sink)
     w, _ = direct_weights(x, dist, valid, band, coeffs, softcap, m)
     nd = w @ _with_ones(v.to(dt))[:, :, None]
     den = nd[..., -1:]
-    if sinks is not None:
-        den = den + torch.exp(sinks.to(dt).view(1, hkv, h // hkv, 1) - m)[..., None]
+    if sink is not None:
+        den = den + torch.exp(sink - m)[..., None]
     out = nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
     return out.reshape(b, h, nq, -1).to(q.dtype)
