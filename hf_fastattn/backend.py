@@ -30,7 +30,8 @@ from .ops.sinks import check_sinks
 # method name -> fn(q, k, v, *, scale, causal, window, softcap, sinks, kv_valid, cfg, layer_idx, module)
 # -> [B, H, Nq, D]
 _METHODS: dict[str, Callable] = {}
-# fn(module, layer_idx, q, k, v, kv_valid, segments, opts) called before every attention call (diagnostics)
+# fn(module, layer_idx, q, k, v, kv_valid, opts) called with the inputs of every op call, after packed sequences
+# and chunks are unpacked into rows of their own (diagnostics)
 _HOOKS: list[Callable] = []
 
 
@@ -160,12 +161,11 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
 
 # ----------------------------------------------------------------------------------------------- mask
 # transformers builds the mask it asks for as a composition of index functions (`mask_function`). The compact mask
-# carries causal order, a sliding window (passed to the attention call again) and padding / packing (the 2D mask
-# and position_ids); any other part would be dropped, so it is refused by name.
+# carries causal order, a sliding window (passed to the attention call again), padding / packing (the 2D mask and
+# position_ids) and chunks (block ids, below); any other part would be dropped, so it is refused by name.
 _MASK_PARTS_KEPT = {"causal_mask_function", "sliding_window_overlay", "padding_mask_function",
-                    "packed_sequence_mask_function"}
+                    "packed_sequence_mask_function", "chunked_overlay"}
 _MASK_PARTS_NAMED = {
-    "chunked_overlay": "chunked attention (config.attention_chunk_size, as in Llama 4)",
     "blockwise_overlay": "block-bidirectional attention (block_sequence_ids)",
     "bidirectional_mask_function": "bidirectional attention",
     "sliding_window_bidirectional_overlay": "bidirectional sliding-window attention",
@@ -193,20 +193,50 @@ def _mask_leaves(fn, seen=None):
     return [leaf for item in inner for leaf in _mask_leaves(item, seen)]
 
 
-def check_mask_function(mask_function) -> None:
-    """Raise if `mask_function` (transformers' composed mask) holds a part the compact mask cannot express."""
+def mask_parts(mask_function) -> dict[str, list[Callable]]:
+    """The parts of `mask_function` (transformers' composed mask): factory name -> its index functions. Raises if
+    one of them is a part the compact mask cannot express."""
+    parts: dict[str, list[Callable]] = {}
     if mask_function is None:
-        return
+        return parts
     for leaf in _mask_leaves(mask_function):
         qualname = getattr(leaf, "__qualname__", type(leaf).__name__)
         name = qualname.split(".<locals>")[0]  # the factory that made a closure
         if name in _MASK_PARTS_KEPT and getattr(leaf, "__module__", "").startswith("transformers."):
+            parts.setdefault(name, []).append(leaf)
             continue
         what = _MASK_PARTS_NAMED.get(name, f"a custom mask part ({getattr(leaf, '__module__', '?')}.{qualname}, e.g. "
                                            "bidirectional image-token blocks)")
-        raise ValueError(f"fastattn supports causal, sliding-window, padded and packed attention; this model's mask "
-                         f"also has {what}, which the backend would ignore. Load it with attn_implementation='eager' "
-                         "or 'sdpa'.")
+        raise ValueError(f"fastattn supports causal, sliding-window, chunked, padded and packed attention; this "
+                         f"model's mask also has {what}, which the backend would ignore. Load it with "
+                         "attn_implementation='eager' or 'sdpa'.")
+    return parts
+
+
+def _block_ids(mask_function, batch: int, filled: int, kv_offset: int, device) -> torch.Tensor:
+    """[B, L] int64 ids of the blocks attention stays inside under `mask_function`: a block ends where a position
+    may not attend to the one before it. transformers' own function decides, so e.g. the chunks' alignment (they
+    start at each row's first real token) is its, not a copy."""
+    pos = torch.arange(kv_offset + 1, kv_offset + filled, device=device)[None]  # absolute positions 1.. of the slots
+    rows = torch.arange(batch, device=device)[:, None]
+    joined = mask_function(rows, torch.zeros(1, dtype=torch.long, device=device), pos, pos - 1)
+    joined = torch.as_tensor(joined, device=device).expand(batch, filled - 1)
+    return torch.nn.functional.pad((~joined).long().cumsum(-1), (1, 0))
+
+
+def _mask_blocks(parts, mask_function, config, batch, filled, kv_offset, device) -> torch.Tensor | None:
+    """Block ids of a chunked and/or packed mask (transformers packs only without a cache), else None. Packed
+    chunks restart with each sequence; transformers < 5.2x counted them from the row's start (each sequence
+    alone is what packing means, and what its later versions do)."""
+    packed = parts.get("packed_sequence_mask_function")
+    if packed:
+        seg = _block_ids(packed[0], batch, filled, kv_offset, device)
+        if "chunked_overlay" not in parts:
+            return seg
+        return seg * (filled + 1) + _chunk_in_sequence(seg, _chunk_size_of(config))
+    if "chunked_overlay" in parts:
+        return _block_ids(mask_function, batch, filled, kv_offset, device)
+    return None
 
 
 @torch.compiler.disable  # host-side shape checks; see the module docstring
@@ -220,30 +250,44 @@ def fastattn_mask(
     device: torch.device | str = "cpu",
     **kwargs,
 ) -> torch.Tensor | None:
-    """Compact mask: None (no padding, queries are the last key slots) or a [B, L] bool validity mask.
+    """Compact mask: None (no padding, queries are the last key slots), a [B, L] bool validity mask, or, when
+    transformers' mask has chunks or packed sequences and a row's tokens span more than one of them, [B, L]
+    int64 block ids (padded slots as ~id).
 
     `attention_mask` is the user's 2D mask over absolute positions; key slot j holds position
     `kv_offset + j`. L = q_offset - kv_offset + q_length is the number of filled slots (< kv_length only
     for a static cache, whose tail slots are empty).
     """
-    check_mask_function(kwargs.get("mask_function"))
+    parts = mask_parts(kwargs.get("mask_function"))
     filled = int(q_offset) - int(kv_offset) + q_length  # a StaticLayer gives q_offset as a 0-dim tensor
     if not 0 < filled <= kv_length:
         raise ValueError(
             f"fastattn mask: inconsistent sizes (q_length={q_length}, kv_length={kv_length}, "
             f"q_offset={int(q_offset)}, kv_offset={kv_offset})"
         )
-    if attention_mask is None:
+    valid = None
+    if attention_mask is not None:
+        valid = attention_mask[:, kv_offset : kv_offset + filled].to(device=device, dtype=torch.bool)
+        if valid.shape[1] < filled:  # positions the 2D mask does not cover count as padding (as in sdpa_mask)
+            valid = torch.nn.functional.pad(valid, (0, filled - valid.shape[1]), value=False)
+    ids = None
+    if filled > 1:
+        ids = _mask_blocks(parts, kwargs.get("mask_function"), kwargs.get("config"), batch_size, filled,
+                           int(kv_offset), device)
+    if ids is not None:
+        real = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        first = ids.masked_fill(~real, filled).amin(-1)
+        last = ids.masked_fill(~real, -1).amax(-1)
+        if bool((first < last).any()):  # some row's real tokens span two blocks (else: plain causal attention)
+            return torch.where(real, ids, ~ids)
+    if valid is None:
         return None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
-    valid = attention_mask[:, kv_offset : kv_offset + filled].to(device=device, dtype=torch.bool)
-    if valid.shape[1] < filled:  # positions the 2D mask does not cover count as padding (as in sdpa_mask)
-        valid = torch.nn.functional.pad(valid, (0, filled - valid.shape[1]), value=False)
     if filled == kv_length and bool(valid.all()):
         return None
     return valid
 
 
-# ------------------------------------------------------------------------------------ packed sequences
+# ------------------------------------------------------------------------------------ blocks and packing
 def _segment_ids(kwargs: dict, batch: int, n: int, device) -> torch.Tensor | None:
     """[B, N] ids of the packed sequences each token belongs to, or None if nothing is packed."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -266,31 +310,79 @@ def _segment_ids(kwargs: dict, batch: int, n: int, device) -> torch.Tensor | Non
     return seg if bool((seg[:, -1] > 0).any()) else None
 
 
-def _unpack_index(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From [B, N] segment ids: index [S, Lmax] into the flattened B*N tokens and its validity [S, Lmax]."""
-    b, n = seg.shape
-    flat_seg = (seg + torch.arange(b, device=seg.device)[:, None] * n).reshape(-1)  # unique ids across rows
-    _, counts = torch.unique_consecutive(flat_seg, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    lmax = int(counts.max())
-    offs = torch.arange(lmax, device=seg.device)
-    valid = offs[None, :] < counts[:, None]
-    index = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(valid, dtype=torch.long))
-    return index, valid
+def _chunk_size_of(config) -> int:
+    size = getattr(config, "attention_chunk_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"fastattn: a chunked-attention layer needs config.attention_chunk_size (an integer >= 1); "
+                         f"got {size!r}")
+    return size
 
 
-def _unpack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] -> [S, H, Lmax, D] along the packed-sequence index."""
-    b, h, n, d = x.shape
-    flat = x.transpose(1, 2).reshape(b * n, h, d)
-    return flat[index].transpose(1, 2)
+def _chunk_size(module) -> int | None:
+    """attention_chunk_size if `module` is a chunked-attention layer (config.layer_types, as in Llama 4)."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if types is None or idx is None or idx >= len(types) or types[idx] != "chunked_attention":
+        return None
+    return _chunk_size_of(config)
 
 
-def _repack(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    """Inverse of `_unpack` for the valid slots: [S, H, Lmax, D] -> [B, H, N, D]."""
-    s, h, lmax, d = y.shape
-    flat = y.transpose(1, 2)[valid]  # [B*N, H, D] in token order (segments are contiguous and in order)
-    return flat.view(b, n, h, d).transpose(1, 2)
+def _chunk_in_sequence(seg: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, N] index of each token's chunk, counted from the start of its packed sequence ([B, N] ids `seg`)."""
+    arange = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(starts, arange, 0).cummax(-1).values
+    return (arange - first) // size
+
+
+class _Blocks:
+    """Attention restricted to blocks (runs of equal id in [B, L] `ids`: packed sequences, chunks), with the
+    queries the last Nq slots of each row, as a padded batch of S rows, one per block that holds queries.
+
+    Rows are right-aligned: block s's keys end at slot Lk - 1 and its queries at Lq - 1, so the bottom-right
+    causal alignment of every method holds in each row (a block whose queries started in an earlier call, as in
+    chunked prefill, has more keys than queries). The left padding is marked invalid in `kv_valid`."""
+
+    def __init__(self, ids: torch.Tensor, nq: int, valid: torch.Tensor | None):
+        b, n = ids.shape
+        dev = ids.device
+        starts = torch.ones(b, n, dtype=torch.bool, device=dev)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = starts.reshape(-1).cumsum(0) - 1  # [B*L] run of each slot, distinct across rows
+        n_keys = torch.bincount(run)
+        first = torch.cumsum(n_keys, 0) - n_keys
+        q_run = run.view(b, n)[:, n - nq :].reshape(-1)  # runs of the query slots, in order
+        sel, n_q = torch.unique_consecutive(q_run, return_counts=True)
+        n_k = n_keys[sel]
+        self.lk, self.lq = int(n_k.max()), int(n_q.max())
+        j = torch.arange(self.lk, device=dev)[None] - (self.lk - n_k[:, None])  # slot within its block
+        key_ok = j >= 0
+        self.k_index = torch.where(key_ok, first[sel, None] + j, 0)  # into the flattened [B*L] slots
+        self.kv_valid = key_ok if valid is None else key_ok & valid.reshape(-1)[self.k_index]
+        i = torch.arange(self.lq, device=dev)[None] - (self.lq - n_q[:, None])
+        self.q_ok = i >= 0
+        self.q_index = torch.where(self.q_ok, (torch.cumsum(n_q, 0) - n_q)[:, None] + i, 0)  # into [B*Nq]
+        self.shape = (b, nq)
+
+    @staticmethod
+    def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = x.shape
+        return x.transpose(1, 2).reshape(b * n, h, d)[index].transpose(1, 2)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, L, D] -> [S, H, Lk, D]"""
+        return self._gather(x, self.k_index)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, Nq, D] -> [S, H, Lq, D]"""
+        return self._gather(x, self.q_index)
+
+    def repack(self, y: torch.Tensor) -> torch.Tensor:
+        """[S, H, Lq, D] -> [B, H, Nq, D]: blocks are contiguous and in order, so the real rows are in token order."""
+        _, h, _, d = y.shape
+        return y.transpose(1, 2)[self.q_ok].view(*self.shape, h, d).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------- backend
@@ -344,17 +436,26 @@ def fastattn_attention_forward(
             "fastattn supports causal (decoder) attention only; this layer has is_causal=False "
             "(e.g. use_bidirectional_attention=True). Use attn_implementation='sdpa' for it."
         )
+    valid, blocks = None, None
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+                or attention_mask.dtype not in (torch.bool, torch.long)):
             shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
             raise ValueError(
-                f"fastattn expects the compact mask of its own mask function (None or [B, N_kv] bool), got {shape}. "
-                "Custom 4D masks are not supported; pass a 2D padding mask instead."
+                f"fastattn expects the compact mask of its own mask function (None, [B, N_kv] bool or int64 block "
+                f"ids), got {shape} {getattr(attention_mask, 'dtype', '')}. Custom 4D masks are not supported; pass "
+                "a 2D padding mask instead."
             )
         filled = attention_mask.shape[1]
         if filled > key.shape[2]:
             raise ValueError(f"fastattn: mask covers {filled} key slots but only {key.shape[2]} keys were given")
         key, value = key[:, :, :filled], value[:, :, :filled]  # empty static-cache slots
+        if attention_mask.dtype == torch.bool:
+            valid = attention_mask
+        else:  # block ids (chunks, packed sequences), ~id on padded slots
+            valid = attention_mask >= 0
+            blocks = torch.where(valid, attention_mask, ~attention_mask)
+            valid = None if bool(valid.all()) else valid
 
     layer_idx = getattr(module, "layer_idx", None)
     cfg = get_config(module.config).for_layer(layer_idx)
@@ -372,17 +473,28 @@ def fastattn_attention_forward(
         run = partial(_run_plan, heads=heads)
 
     b, _, nq, _ = query.shape
-    seg = None
-    if attention_mask is None and nq == key.shape[2]:
-        seg = _segment_ids(kwargs, b, nq, query.device)
+    chunk = _chunk_size(module)
+    seg = _segment_ids(kwargs, b, nq, query.device) if valid is None and nq == key.shape[2] else None
+    if seg is not None:  # packed: each sequence as if it ran alone (with a cache, the mask's chunks ran across them)
+        blocks = seg if chunk is None else seg * (nq + 1) + _chunk_in_sequence(seg, chunk)
+    unpack = None
+    q, k, v, kv_valid = query, key, value, valid
+    if blocks is not None:
+        if bool((blocks[:, -nq:] == blocks[:, -1:]).all()):  # all queries in their row's last block (decode)
+            same = blocks == blocks[:, -1:]
+            kv_valid = same if valid is None else same & valid
+        else:
+            unpack = _Blocks(blocks, nq, valid)
+            q, k, v, kv_valid = unpack.queries(query), unpack.keys(key), unpack.keys(value), unpack.kv_valid
+    if chunk is not None:
+        # Within its chunk a query sees every earlier key (< attention_chunk_size of them): a local layer, run as
+        # sliding layers are (exactly; a band no wider than its local_window), with a window spanning the keys.
+        opts["window"] = k.shape[2]
     for hook in _HOOKS:
-        hook(module, layer_idx, query, key, value, attention_mask, seg, opts)
-    if seg is None:
-        out = run(query, key, value, kv_valid=attention_mask, **opts)
-    else:
-        index, valid = _unpack_index(seg)
-        out = run(_unpack(query, index), _unpack(key, index), _unpack(value, index), kv_valid=valid, **opts)
-        out = _repack(out, index, valid, b, nq)
+        hook(module, layer_idx, q, k, v, kv_valid, opts)
+    out = run(q, k, v, kv_valid=kv_valid, **opts)
+    if unpack is not None:
+        out = unpack.repack(out)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -162,11 +162,7 @@ class _Capture:
     def __init__(self):
         self.layers: dict[int, tuple] = {}
 
-    def __call__(self, module, layer_idx, q, k, v, kv_valid, seg, opts):
-        if seg is not None:
-            index, valid = backend._unpack_index(seg)
-            q, k, v = backend._unpack(q, index), backend._unpack(k, index), backend._unpack(v, index)
-            kv_valid = valid
+    def __call__(self, module, layer_idx, q, k, v, kv_valid, opts):
         self.layers[layer_idx] = (q.detach(), k.detach(), v.detach(), kv_valid,
                                   dict(scale=opts["scale"], window=opts["window"], softcap=opts["softcap"],
                                        sinks=None if opts.get("sinks") is None else opts["sinks"].detach()))

@@ -1,7 +1,8 @@
 """Tiny configs of every supported model family (no weights needed) and model-comparison helpers.
 
 Used by the test suite, the demo and the model cards. Each config has 2 layers, GQA where the family has
-it and, where the family has one, a sliding layer with a window shorter than the test sequences (8).
+it and, where the family has one, a sliding (or chunked) layer with a window (chunk) shorter than the test
+sequences (8).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import copy
 
 import torch
 
-FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss", "llama4")
 WINDOW = 8
 
 
@@ -54,6 +55,9 @@ def tiny_config(family: str, **overrides):
     elif family == "gpt_oss":  # attention sinks (s_aux) on every layer, sliding and full layers alternating
         cfg = tf.GptOssConfig(**common, sliding_window=WINDOW, layer_types=sliding_pair, num_local_experts=4,
                               num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    elif family == "llama4":  # text model: a chunked RoPE layer, then a full NoPE layer with temperature tuning
+        cfg = tf.Llama4TextConfig(**common, intermediate_size_mlp=128, attention_chunk_size=WINDOW,
+                                  no_rope_layers=[1, 0], floor_scale=4, num_local_experts=2)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     for key, value in overrides.items():

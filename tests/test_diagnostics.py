@@ -39,7 +39,7 @@ def test_report_errors_equal_direct_computation():
     report = diagnose(model, x, SMALL, depth_settings=[], progress=False)
     captured = {}
 
-    def hook(module, layer, q, k, v, kv_valid, seg, opts):
+    def hook(module, layer, q, k, v, kv_valid, opts):
         captured[layer] = (q, k, v, opts)
 
     backend._HOOKS.append(hook)

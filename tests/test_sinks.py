@@ -1,6 +1,6 @@
 """Attention sinks (GPT-OSS's s_aux) in every op that supports them, against the dense float64 reference, and the
 backend's refusals: keywords and mask parts that change the attention function but that fastattn does not
-implement raise instead of being dropped."""
+implement raise instead of being dropped (chunks are kept: tests/test_blocks.py)."""
 
 import os
 import types
@@ -196,34 +196,24 @@ def test_backend_refuses_what_it_does_not_implement(name, value, message):
 
 
 def test_mask_parts():
-    """The compact mask keeps causal order, windows, padding and packing; anything else in transformers' composed
-    mask function is refused by name."""
+    """The compact mask keeps causal order, windows, chunks, padding and packing; anything else in transformers'
+    composed mask function is refused by name."""
     mu = pytest.importorskip("transformers.masking_utils")
     kept = [mu.causal_mask_function, mu.sliding_window_causal_mask_function(4),
-            mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(torch.ones(1, 6, dtype=torch.bool)))]
+            mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(torch.ones(1, 6, dtype=torch.bool))),
+            mu.chunked_causal_mask_function(8, torch.zeros(1, dtype=torch.long))]  # 6 tokens: one chunk
     for fn in kept:
-        backend.check_mask_function(fn)
+        assert set(backend.mask_parts(fn)) <= backend._MASK_PARTS_KEPT
         assert backend.fastattn_mask(1, 6, 6, mask_function=fn) is None
-    chunked = mu.and_masks(mu.chunked_overlay(4, torch.zeros(1, dtype=torch.long)), mu.causal_mask_function)
-    with pytest.raises(ValueError, match="chunked attention"):
-        backend.fastattn_mask(1, 6, 6, mask_function=chunked)
 
     def image_blocks(batch_idx, head_idx, q_idx, kv_idx):
         return q_idx // 3 == kv_idx // 3
 
     with pytest.raises(ValueError, match="image_blocks"):
         backend.fastattn_mask(1, 6, 6, mask_function=mu.or_masks(mu.causal_mask_function, image_blocks))
-
-
-def test_llama4_chunked_attention_raises():
-    """End to end: a model whose layers attend in chunks (Llama 4) is refused at its first forward."""
-    tf = pytest.importorskip("transformers")
-    cfg = tf.Llama4TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                              attention_chunk_size=8, num_local_experts=2, pad_token_id=0)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastattn")
-    with pytest.raises(ValueError, match="chunked attention"):
-        model(torch.randint(3, 97, (1, 20)))
+    blockwise = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(torch.zeros(1, 6, dtype=torch.long)))
+    with pytest.raises(ValueError, match="block-bidirectional attention"):
+        backend.fastattn_mask(1, 6, 6, mask_function=blockwise)
 
 
 def test_gpt_oss_poly_with_sinks_trains():

@@ -204,6 +204,8 @@ def exact_attention(
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
+    if causal and window is not None and window >= k.shape[2]:  # a window spanning every key is no window
+        window = None
     plain = causal and window is None and softcap is None and kv_valid is None and not block and sinks is None
     if plain and q.shape[2] in (1, k.shape[2]):
         out = _fused_sdpa(q, k, v, float(scale))
