@@ -3,11 +3,12 @@
 transformers calls `fastattn_attention_forward(module, query, key, value, attention_mask, ...)` from every
 attention layer with query [B, H, Nq, D] and key/value [B, Hkv, Nk, D] (already RoPE-rotated) and expects
 [B, Nq, H, D] back. The mask comes from `fastattn_mask`, which never materialises an N x N mask: it
-returns None (plain causal) or a 2D [B, L] bool validity mask over the first L key slots. L < Nk means the
+returns None (plain causal), a 2D [B, L] bool validity mask over the first L key slots, or [B, L] int64
+block ids where attention stays inside blocks (Llama 4's chunks, packed sequences). L < Nk means the
 slots from L on are empty static-cache slots (the convention of transformers' FlashAttention path): they
 are sliced away and the queries are the last Nq of the L filled slots.
-Packed sequences (`cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
-so that no method lets state or attention cross a sequence boundary.
+Blocks (from the mask, `cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
+of right-aligned rows so that no method lets state or attention cross a block boundary.
 
 Under `torch.compile` both functions are opaque to dynamo (`torch.compiler.disable`): each attention call is one
 graph break and runs eagerly, with its own autograd Functions and Triton kernels, while the model around it

@@ -37,6 +37,22 @@ FEATURES = {
     "qwen2": ("Qwen2ForCausalLM", "GQA, qkv bias", "optional (use_sliding_window)", "no"),
     "qwen3": ("Qwen3ForCausalLM", "GQA, q/k norm", "optional (use_sliding_window)", "no"),
     "gpt_oss": ("GptOssForCausalLM", "GQA, attention sinks (s_aux), MoE", "alternating sliding/full", "no"),
+    "llama4": ("Llama4ForCausalLM (text)", "GQA, MoE, NoPE layers with temperature tuning",
+               "chunked attention (attention_chunk_size) on RoPE layers, full on NoPE layers", "no"),
+}
+# family-specific lines for a card's "Known limits"
+NOTES = {
+    "gpt_oss": ["Attention sinks (one logit per head in every row's normaliser) run in every method, Triton included, "
+                "with their gradients."],
+    "llama4": ["Chunked layers run exactly in every method (a query sees fewer than attention_chunk_size keys); the "
+               "full NoPE layers are the ones approximated, so the error above is theirs.",
+               "Pack with `use_cache=False` (as in training) or flash kwargs (`cu_seq_lens_*`): Llama 4's layers pass "
+               "no `position_ids` to attention, and with a cache transformers leaves packing out of the mask, so "
+               "no backend sees it (eager attends across the sequences too).",
+               "Temperature tuning scales NoPE queries by their index in the row, not by `position_ids`: a packed "
+               "sequence differs from itself alone under every backend (transformers' model code).",
+               "transformers 5.17: a static cache fails for Llama 4 under every backend (generate passes "
+               "`block_sequence_ids` to `create_chunked_causal_mask`)."],
 }
 SETTINGS = {"poly W=0": {"method": "poly", "local_window": 0, "chunk_size": 32},
             "poly W=16": {"method": "poly", "local_window": 16, "chunk_size": 32},
@@ -92,8 +108,7 @@ def measure(family: str) -> dict:
 def write_family_card(m: dict, device: str) -> None:
     fam = m["family"]
     cls, gqa, sliding, softcap = FEATURES[fam]
-    sinks = ("\n- Attention sinks (one logit per head in every row's normaliser) run in every method, Triton "
-             "included, with their gradients.") if "sinks" in gqa else ""
+    notes = "".join(f"\n- {line}" for line in NOTES.get(fam, ()))
     err_rows = "\n".join(
         f"| {regime} | " + " | ".join(f"{v:.2%}" for v in errs.values()) + " |" for regime, errs in m["errors"].items()
     )
@@ -138,7 +153,7 @@ the ops' own scaling (poly 5.2x faster than SDPA at 64k on CPU) is in `benchmark
 - The polynomial method is accurate only for small logits (see `hf-fastattn diagnose`): trained models need the
   exact band, a per-head plan, or fine-tuning through the approximation.
 - Conv bases fit positional (Toeplitz) heads; content heads are mostly wrong.
-- Bidirectional layers (`use_bidirectional_attention`), attention dropout > 0 and `output_attentions` raise.{sinks}
+- Bidirectional layers (`use_bidirectional_attention`), attention dropout > 0 and `output_attentions` raise.{notes}
 """
     (CARDS / f"{fam}.md").write_text(text)
 

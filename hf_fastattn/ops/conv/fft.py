@@ -163,8 +163,8 @@ def conv_fft_apply(cum, starts, v, lengths, sinks=None):
     cum = cum.to(dt)
     shift = torch.where(dvalid, cum, float("-inf")).amax((-1, -2)).detach()  # [B, H]
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    if sinks is not None:  # one more normaliser term exp(sink - shift): the shift covers it too, so it is <= 1
-        sink = sinks.to(dt)[None].expand(b, h)
+    sink = None if sinks is None else sinks.to(dt)[None].expand(b, h)  # [B, H]
+    if sink is not None:  # one more normaliser term exp(sink - shift): the shift covers it too, so it is <= 1
         shift = torch.maximum(shift, sink.detach())
     e = torch.exp(torch.where(dvalid, cum - shift[..., None, None], float("-inf")))  # [B, H, k, N], <= 1
     seg = segments(starts, lengths, n)  # [B, Hs, N]
@@ -174,7 +174,7 @@ def conv_fft_apply(cum, starts, v, lengths, sinks=None):
     size = fast_length(2 * n)
     nd = ConvFFTFunction.apply(e, vt.contiguous(), seg, size).transpose(-1, -2)  # [B, H, N, D+1]
     den = nd[..., -1]
-    if sinks is not None:
+    if sink is not None:
         den = den + torch.exp(sink - shift)[..., None]
     # absolute FFT error bound of the denominator: eps log2(L) sum_u |e_u|_2 sqrt(segment length)
     seglen = torch.stack([(seg == u).sum(-1) for u in range(k)], -1).to(dt)  # [B, Hs, k]
