@@ -11,7 +11,8 @@ import copy
 
 import torch
 
-FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss", "llama4")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss", "llama4", "deepseek_v3",
+            "phi3", "olmo2", "granite", "cohere2", "smollm3")
 WINDOW = 8
 
 
@@ -58,6 +59,22 @@ def tiny_config(family: str, **overrides):
     elif family == "llama4":  # text model: a chunked RoPE layer, then a full NoPE layer with temperature tuning
         cfg = tf.Llama4TextConfig(**common, intermediate_size_mlp=128, attention_chunk_size=WINDOW,
                                   no_rope_layers=[1, 0], floor_scale=4, num_local_experts=2)
+    elif family == "deepseek_v3":  # multi-head latent attention: q/k heads of 16 + 8 (RoPE part), values of 12
+        mla = {k: v for k, v in common.items() if k != "head_dim"} | {"num_key_value_heads": 4}
+        cfg = tf.DeepseekV3Config(**mla, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                  v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                  moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
+    elif family == "phi3":  # fused qkv projection (full layers: Mistral covers a window on every layer)
+        cfg = tf.Phi3Config(**common, sliding_window=None)
+    elif family == "olmo2":  # q/k RMSNorm over all heads together
+        cfg = tf.Olmo2Config(**common)
+    elif family == "granite":  # attention_multiplier replaces 1/sqrt(d)
+        cfg = tf.GraniteConfig(**common, attention_multiplier=0.05, embedding_multiplier=2.0, residual_multiplier=0.5,
+                               logits_scaling=2.0)
+    elif family == "cohere2":  # sliding RoPE layers and full NoPE layers, parallel attention + MLP
+        cfg = tf.Cohere2Config(**common, sliding_window=WINDOW, layer_types=sliding_pair, logit_scale=1.0)
+    elif family == "smollm3":  # a NoPE layer
+        cfg = tf.SmolLM3Config(**common, no_rope_layers=[1, 0], sliding_window=None)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     for key, value in overrides.items():
@@ -97,16 +114,14 @@ def cached_forward(model, input_ids, cache):
 
 
 def shrink_logits(model, factor: float) -> None:
-    """Scale every attention logit by factor**2 (q/k projections, or the q/k norms that follow them)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(factor)
-            elif "q_norm" in name or "k_norm" in name:
-                if model.config.model_type.startswith("gemma"):  # Gemma's RMSNorm multiplies by (1 + w)
-                    p.copy_((1 + p) * factor - 1)
-                else:
-                    p.mul_(factor)
+    """Scale every attention logit by factor**2, through each attention module's `scaling` (which transformers
+    passes to the attention function), so it works alike for separate, fused (Phi-3) and latent (DeepSeek) q/k
+    projections and for q/k norms."""
+    layers = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    if not layers or not all(isinstance(getattr(m, "scaling", None), float) for m in layers):
+        raise ValueError(f"{type(model).__name__}: no attention modules with a float `scaling` to shrink")
+    for m in layers:
+        m.scaling *= factor**2
 
 
 def packing_error(model, lengths, seed: int = 0, flash_kwargs: bool = True) -> float:

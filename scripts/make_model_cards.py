@@ -39,11 +39,20 @@ FEATURES = {
     "gpt_oss": ("GptOssForCausalLM", "GQA, attention sinks (s_aux), MoE", "alternating sliding/full", "no"),
     "llama4": ("Llama4ForCausalLM (text)", "GQA, MoE, NoPE layers with temperature tuning",
                "chunked attention (attention_chunk_size) on RoPE layers, full on NoPE layers", "no"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "multi-head latent attention (q/k head 24 = 16 + 8 RoPE, values 12), MoE",
+                    "no", "no"),
+    "phi3": ("Phi3ForCausalLM", "GQA, fused qkv projection", "optional (config.sliding_window; off here)", "no"),
+    "olmo2": ("Olmo2ForCausalLM", "GQA, q/k norm over all heads", "no", "no"),
+    "granite": ("GraniteForCausalLM", "GQA, attention_multiplier as the logit scale", "no", "no"),
+    "cohere2": ("Cohere2ForCausalLM", "GQA, parallel attention + MLP", "alternating sliding (RoPE) / full (NoPE)", "no"),
+    "smollm3": ("SmolLM3ForCausalLM", "GQA, NoPE layers (no_rope_layers)", "no", "no"),
 }
 # family-specific lines for a card's "Known limits"
 NOTES = {
     "gpt_oss": ["Attention sinks (one logit per head in every row's normaliser) run in every method, Triton included, "
                 "with their gradients."],
+    "deepseek_v3": ["Values narrower than queries and keys (v_head_dim != qk_head_dim) run in every method; the "
+                    "output has the values' width."],
     "llama4": ["Chunked layers run exactly in every method (a query sees fewer than attention_chunk_size keys); the "
                "full NoPE layers are the ones approximated, so the error above is theirs.",
                "Pack with `use_cache=False` (as in training) or flash kwargs (`cu_seq_lens_*`): Llama 4's layers pass "

@@ -39,7 +39,7 @@ def test_families_forward_backward_generate(family):
     out = model(input_ids=x, labels=x)
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    grads = [p.grad for n, p in model.named_parameters() if "q_proj" in n]
+    grads = [p.grad for n, p in model.named_parameters() if ".self_attn." in n and "proj" in n]  # q, k, v, o
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     model.eval()
     gen = model.generate(x[:, :20], attention_mask=torch.ones_like(x[:, :20]), max_new_tokens=12, do_sample=False)

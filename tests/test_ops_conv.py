@@ -134,6 +134,27 @@ def test_fft_matches_dense(placement, b, h, hkv, n, d, kb):
     assert _rel(out * rows[..., None], ref * rows[..., None]) < 1e-10
 
 
+@pytest.mark.parametrize("dv", [3, 20])
+def test_value_width_of_its_own(dv):
+    """Values of another width than q/k (DeepSeek's latent attention): a basis per column is exact attention,
+    the FFT path equals the dense one on the same basis, and gradcheck passes."""
+    q, k, _ = _qkv(2, 4, 2, 30, 8)
+    v = torch.randn(2, 2, 30, dv, dtype=F64)
+    valid = _padding(2, 30)
+    out = conv_attention(q, k, v, 0.35, k_bases=30, kv_valid=valid)
+    ref = naive_attention(q, k, v, 0.35, kv_valid=valid)
+    rows = valid[:, None, :, None]  # padded rows: 0 in conv, undefined in the reference
+    assert out.shape == (2, 4, 30, dv) and _rel(out * rows, ref * rows) < 1e-10
+    lengths = torch.tensor([30, 24])
+    starts, cum = recover(ScoreColumns(q, k, 0.35, lengths), 5, "even", 4, 0.5, 1e-3)
+    fft, _ = conv_fft_apply(cum, starts, v, lengths)
+    dense = naive_conv_attention(v, starts, cum, 4, lengths[:, None] > torch.arange(30))
+    rows = torch.arange(30) < lengths[:, None, None]
+    assert _rel(fft * rows[..., None], dense * rows[..., None]) < 1e-10
+    small = [t[:1, :, :9].clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b, c: conv_attention(a, b, c, 0.5, k_bases=3, T=2), small)
+
+
 def test_padding_is_compacted():
     """A padded row gives what its valid tokens alone give."""
     q, k, v = _qkv(2, 2, 2, 40, 8)

@@ -139,6 +139,29 @@ def test_exact_fused_dispatch(monkeypatch, nq, nk, window, pad, fused):
             assert (a - b_).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("dv", [8, 24])
+@pytest.mark.parametrize("nq, pad", [(40, False), (1, False), (40, True)])
+def test_exact_value_width(nq, pad, dv):
+    """Values of another width than queries and keys (DeepSeek's latent attention, 16 vs dv): the fused path
+    (zero-padded to one width) and our blocks both equal the dense reference, gradients included."""
+    from hf_fastattn.ops import stats
+
+    q, k, _, valid = _inputs(1, 4, 2, nq, 40, 16, pad)
+    v = torch.randn(1, 2, 40, dv, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ref = naive_attention(q, k, v, 0.3, True, None, None, valid)
+    do = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for block in (0, 16):
+        stats.reset()
+        out = exact_attention(q, k, v, 0.3, True, None, None, valid, block=block)
+        assert out.shape == (1, 4, nq, dv)
+        assert stats.COUNTS["exact.sdpa"] == (block == 0 and not pad)
+        assert (out - ref).abs().max().item() < 1e-12
+        for a, b_ in zip(torch.autograd.grad(out, (q, k, v), do), ref_grads):
+            assert (a - b_).abs().max().item() < 1e-12
+
+
 def test_exact_accepts_integer_padding_mask():
     """kv_valid may come as a 0/1 integer mask (HF attention masks are int64): it is read as bool, so the result
     equals the bool mask's (an int mask used as is would be bit-inverted by `~`), gradients included."""

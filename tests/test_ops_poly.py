@@ -129,6 +129,26 @@ def test_chunk_higher_degree_matches_naive(degree):
         assert _rel(g_out, g_ref) < 1e-10
 
 
+@pytest.mark.parametrize("dv", [4, 20])
+def test_value_width_of_its_own(dv):
+    """Values narrower or wider than q/k (DeepSeek's latent attention): chunked and direct forms equal the
+    reference, gradients included; gradcheck on a small shape."""
+    q, k, _ = _qkv(2, 4, 2, 37, 45, 12, std=0.5)
+    v = torch.randn(2, 2, 45, dv, dtype=F64)
+    valid = _padding(2, 45)
+    coeffs = poly_coefficients(2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ref = naive_poly_attention(q, k, v, 0.4, coeffs, 5, None, valid)
+    out = poly_chunk_attention(q, k, v, 0.4, coeffs, 5, 8, None, valid)
+    assert out.shape == (2, 4, 37, dv) and _rel(out, ref) < 1e-10
+    do = torch.randn_like(ref)
+    for g_ref, g_out in zip(torch.autograd.grad(ref, (q, k, v), do), torch.autograd.grad(out, (q, k, v), do)):
+        assert _rel(g_out, g_ref) < 1e-10
+    assert _rel(poly_direct_attention(q[:, :, -2:], k, v, 0.4, coeffs, 5, None, valid), ref[:, :, -2:]) < 1e-10
+    small = [t[:1, :, :9].detach().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b, c: poly_chunk_attention(a, b, c, 0.4, coeffs, 2, 4), small)
+
+
 @pytest.mark.parametrize("band, pad, softcap", [(0, False, None), (3, True, None), (6, True, 2.0)])
 def test_chunk_gradcheck(band, pad, softcap):
     q, k, v = _qkv(2, 4, 2, 9, 11, 3, std=0.6)  # GQA, Tq < Tk, 3 chunks of 4 with a partial one

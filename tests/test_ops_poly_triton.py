@@ -60,6 +60,15 @@ def test_triton_matches_naive_interpreted(b, h, hkv, nq, nk, d, band, softcap, p
 
 
 @interpreted
+@pytest.mark.parametrize("dv", [8, 24])
+def test_triton_value_width_of_its_own(dv):
+    """Values of another width than q/k (DeepSeek's latent attention, d = 16)."""
+    (q, k, _), valid = _inputs(2, 4, 2, 35, 50, 16, True)
+    v = torch.randn(2, 2, 50, dv, generator=torch.Generator().manual_seed(dv))
+    _compare(q, k, v, valid, 5, None, 16, poly_coefficients(2), 1e-5, 1e-5)
+
+
+@interpreted
 @pytest.mark.parametrize("b, h, hkv, nq, nk, d, band, softcap, pad", CASES[1:3])
 def test_triton_tile16_matches_naive(b, h, hkv, nq, nk, d, band, softcap, pad):
     (q, k, v), valid = _inputs(b, h, hkv, nq, nk, d, pad)

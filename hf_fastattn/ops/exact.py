@@ -166,6 +166,12 @@ _FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend
 def _fused_sdpa(q, k, v, scale):
     """Causal attention (Nq == Nk, or one decoding row that sees every key) by torch's fused SDPA kernels, or
     None where none of them takes the call (e.g. grouped K/V heads on a CUDA kernel without GQA support)."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dv != dq:  # latent attention (DeepSeek): the fused kernels want one width; zero columns change nothing
+        if dv < dq:
+            out = _fused_sdpa(q, k, F.pad(v, (0, dq - dv)), scale)
+            return None if out is None else out[..., :dv]
+        return _fused_sdpa(F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v, scale)
     try:
         with warnings.catch_warnings(), sdpa_kernel(_FUSED):
             warnings.simplefilter("ignore")  # each kernel that declines says why
