@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-targets", default="attention",
+                   help="modules LoRA adapts: 'attention' (every Linear inside the attention modules: q/k/v/o, Phi-3's "
+                        "fused qkv_proj, DeepSeek's latent projections), 'all-linear', or a comma list of module names")
     p.add_argument("--eval-every", type=int, default=50, help="steps between eval losses (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=4, help="eval micro-batches")
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
@@ -163,6 +166,20 @@ def build_data(args, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ training
+def lora_targets(model, spec: str) -> list[str] | str:
+    """`--lora-targets` as peft's target_modules (see the option's help)."""
+    if spec == "all-linear":
+        return spec
+    if spec != "attention":
+        return [name for name in spec.split(",") if name]
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".self_attn." in f".{name}"})
+    if not names:
+        raise ValueError(f"--lora-targets attention: {type(model).__name__} has no Linear layers inside modules named "
+                         "self_attn; give a comma list of module names, or all-linear")
+    return names
+
+
 def fastattn_options(args) -> dict:
     opts = {k: getattr(args, k) for k in FASTATTN_OPTIONS}
     if args.plan:
@@ -207,7 +224,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 target_modules=lora_targets(model, args.lora_targets),
                                                  task_type="CAUSAL_LM"))
     train, evald = build_data(args, tokenizer)
     train = Shuffled(train, args.seed)

@@ -56,6 +56,23 @@ def test_finetune_one_process_goes_through_poly_backward(tmp_path):
     assert saved["fastattn_config"]["method"] == "poly" and saved["fastattn_config"]["local_window"] == 16
 
 
+def test_finetune_lora_on_a_fused_qkv_family(tmp_path):
+    """--lora adapts every Linear of the attention modules, whatever they are called (Phi-3: qkv_proj, o_proj),
+    trains through poly's backward and saves the merged model."""
+    pytest.importorskip("peft")
+    from hf_fastattn.finetune import lora_targets
+    from hf_fastattn.loading import load_model
+
+    model, _ = load_model("tiny:phi3")
+    assert lora_targets(model, "attention") == ["o_proj", "qkv_proj"]
+    assert lora_targets(model, "q_proj,,v_proj") == ["q_proj", "v_proj"]
+    assert lora_targets(model, "all-linear") == "all-linear"
+    m = _finetune(tmp_path, "--model", "tiny:phi3", "--lora", "--steps", "2", "--seq-len", "160", "--eval-every", "0")
+    assert m["steps"] == 2 and m["op_calls"].get("poly.backward", 0) >= 2 * 2
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert saved["model_type"] == "phi3" and saved["fastattn_config"]["method"] == "poly"
+
+
 def test_finetune_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = _finetune(tmp_path / "full", "--steps", "4", "--no-save-model")
     _finetune(tmp_path / "cut", "--steps", "4", "--stop-at", "2", "--save-every", "2", "--no-save-model")  # preempted
