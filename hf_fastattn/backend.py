@@ -227,7 +227,7 @@ def _block_ids(mask_function, batch: int, filled: int, kv_offset: int, device) -
 
 def _mask_blocks(parts, mask_function, config, batch, filled, kv_offset, device) -> torch.Tensor | None:
     """Block ids of a chunked and/or packed mask (transformers packs only without a cache), else None. Packed
-    chunks restart with each sequence; transformers < 5.2x counted them from the row's start (each sequence
+    chunks restart with each sequence; transformers 5.17 counted them from the row's start (each sequence
     alone is what packing means, and what its later versions do)."""
     packed = parts.get("packed_sequence_mask_function")
     if packed:
@@ -477,7 +477,10 @@ def fastattn_attention_forward(
     chunk = _chunk_size(module)
     seg = _segment_ids(kwargs, b, nq, query.device) if valid is None and nq == key.shape[2] else None
     if seg is not None:  # packed: each sequence as if it ran alone (with a cache, the mask's chunks ran across them)
-        blocks = seg if chunk is None else seg * (nq + 1) + _chunk_in_sequence(seg, chunk)
+        if chunk is not None:
+            blocks = seg * (nq + 1) + _chunk_in_sequence(seg, chunk)
+        else:  # both partitions hold (the mask's blocks are ids < nq here)
+            blocks = seg if blocks is None else seg * (nq + 1) + blocks
     unpack = None
     q, k, v, kv_valid = query, key, value, valid
     if blocks is not None:
