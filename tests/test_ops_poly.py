@@ -416,6 +416,34 @@ def test_rows_without_far_keys_shift_by_their_band():
     assert (last.double() - ref[:, :, -3:]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("form", ["chunk", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_without_far_keys_below_float32_exp_range(form, dtype):
+    """A row that sees no far key is shifted by its band maximum, here -200 (the first real token of a left-padded
+    row, its only key itself): e^{-m} overflows float32, and its far terms, all 0, must stay 0 rather than inf * 0.
+    The chunk form has a far state of padding behind that row; the direct form (every sequence <= chunk_size)
+    has a masked far branch that autograd differentiates. Forward and gradients against the float64 reference."""
+    n, d, band = 32, 8, 4
+    q, k, v = _qkv(2, 2, 1, n, n, d, std=0.3, dtype=torch.float32)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, :16] = False  # row 0: left padding, first real token at slot 16; row 1: its first token at slot 0
+    for b, t in ((0, 16), (1, 0)):
+        q[b, :, t, 0], k[b, :, t, 0] = 20.0, -20.0  # self logit -200: the token's whole band
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = naive_poly_attention(q64, k64, v64, 0.5, poly_coefficients(2), band, None, valid)
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    chunk = 8 if form == "chunk" else 64  # Nq <= chunk: poly_attention takes the direct form
+    out = poly_attention(q, k, v, 0.5, band=band, chunk=chunk, kv_valid=valid, kernel="torch")
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (out.double() - ref).abs().max().item() < tol * ref.abs().max().item()
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).abs().max().item() < tol * b.abs().max().item()
+
+
 def test_guard_prediction_edges():
     """predicted_error at its edges: NaN statistics (an overflowed head) predict an infinite error, so the guard
     flags the head instead of passing it (NaN > tolerance is False); a zero rms logit (all-zero queries) predicts

@@ -162,6 +162,18 @@ def test_triton_large_logits_finite():
 
 
 @interpreted
+def test_triton_rows_without_far_keys_below_float32_exp_range():
+    """The first real token of a left-padded row sees only itself, at logit -200: its shift e^{-m} overflows
+    float32 while its far terms (a boundary state of padding, far direct blocks of padding) are 0. They must
+    stay 0 in the forward and in the backward's row factors, or inf * 0 spreads NaN through dk / dv."""
+    (q, k, v), _ = _inputs(1, 2, 1, 64, 64, 16, False)
+    valid = torch.ones(1, 64, dtype=torch.bool)
+    valid[0, :32] = False
+    q[0, :, 32, 0], k[0, :, 32, 0] = 20.0 / 0.3 ** 0.5, -20.0 / 0.3 ** 0.5  # s q.k = -400 / 3 at scale 0.3
+    _compare(q, k, v, valid, 4, None, 16, poly_coefficients(2), 1e-4, 1e-3, rows=1, segment=16)
+
+
+@interpreted
 def test_triton_saved_or_recomputed_states_agree():
     """The boundary states are a cache: recomputed in the backward (default: a layer keeps only O(N D) between
     forward and backward) or saved by the forward, the outputs and gradients must be bit-identical, the key

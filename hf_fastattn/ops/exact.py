@@ -141,7 +141,8 @@ class ExactAttnFunction(torch.autograd.Function):
         if sinks is not None:  # the row lse is a shift with den = 1 (rows that see no key: lse = inf, den = 0)
             seen = torch.isfinite(lse).view(q.shape[:3])
             out, m, den = fold_sink(out, lse.view(seen.shape), seen.to(lse.dtype), sinks)
-            lse = (m + torch.log(den)).view_as(lse)
+            # a row with neither key nor sink keeps lse = inf (its weights exp(s - lse) stay 0, not nan)
+            lse = torch.where(den > 0, m + torch.log(den), float("inf")).view_as(lse)
         ctx.save_for_backward(q, k, v, out, lse, kv_valid, sinks)
         ctx.args = (scale, causal, window, softcap, block)
         return out

@@ -29,20 +29,22 @@ def fold_sink(out: torch.Tensor, m: torch.Tensor, den: torch.Tensor, sinks: torc
 
     out: [B, H, N, Dv] normalised output; m, den: [B, H, N] float32 row shift and denominator (den = 0: the row
     sees no key); sinks: [H]. Returns (out', m', den') with m' = max(m, sink), so neither exponential overflows
-    (logits in the hundreds) and a row with no key gets out' = 0, den' = 1.
+    (logits in the hundreds) and a row with no key gets out' = 0, den' = 1 (den' = 0 if its sink is -inf).
     """
     s = sinks.to(m.dtype).view(1, -1, 1)
     m = torch.where(den > 0, m, float("-inf"))  # a row with no key: the sink sets its shift, whatever it is
     m2 = torch.maximum(m, s)
+    m2 = torch.where(torch.isfinite(m2), m2, 0.0)  # no key and a sink of -inf: nothing to normalise, den' = 0
     keep = den * torch.exp(m - m2)
     den2 = keep + torch.exp(s - m2)
+    ratio = torch.where(den2 > 0, keep / den2.clamp_min(torch.finfo(den2.dtype).tiny), 0.0)
     # one rounding for 16-bit outputs: the product in float32, then the cast
-    return (out.to(den2.dtype) * (keep / den2).unsqueeze(-1)).to(out.dtype), m2, den2
+    return (out.to(den2.dtype) * ratio.unsqueeze(-1)).to(out.dtype), m2, den2
 
 
 def sink_grad(do: torch.Tensor, out: torch.Tensor, m: torch.Tensor, den: torch.Tensor, sinks: torch.Tensor):
     """dL/dsink [H] from the folded (out, m, den) of `fold_sink` and do [B, H, N, Dv]."""
-    p = torch.exp(sinks.to(m.dtype).view(1, -1, 1) - m) / den
+    p = torch.where(den > 0, torch.exp(sinks.to(m.dtype).view(1, -1, 1) - m) / den.clamp_min(1e-38), 0.0)
     delta = (do.to(m.dtype) * out.to(m.dtype)).sum(-1)
     return -(p * delta).sum((0, 2)).to(sinks.dtype)
 

@@ -49,16 +49,24 @@ def has_far_key(valid, slots, band):
     return (idx >= 0) & (seen > 0)
 
 
-def direct_weights(x, dist, valid, band, coeffs, softcap, m):
+def far_scale(m, has_far):
+    """e^{-m_i} for rows with far keys, 0 for the others. A row without far keys is shifted by its band maximum,
+    which can be below -88, where e^{-m} overflows float32: its far terms are all 0, and inf * 0 would make them
+    NaN (in the forward, or in autograd's backward through a masked branch)."""
+    return torch.where(has_far, torch.exp(-m), 0.0)
+
+
+def direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far):
     """Weights of directly computed keys and dW/dx.
 
     x: [B, Hkv, G, R, K] scaled logits; dist: [R, K] slot distance t_i - j; valid: [B, K] bool;
-    m: [B, Hkv, G, R] row shift. Returns (w, dw_dx) of x's shape (0 where masked).
+    m: [B, Hkv, G, R] row shift; has_far: [B, 1, 1, R] (`has_far_key`). Returns (w, dw_dx) of x's shape
+    (0 where masked).
     """
     seen = (dist >= 0) & valid[:, None, None, None, :]
     near = seen & (dist < band)
     far = seen & (dist >= band)
-    em = torch.exp(-m)[..., None]
+    em = far_scale(m, has_far)[..., None]
     if softcap is not None:
         t = torch.tanh(x / softcap)
         xn = softcap * t
@@ -162,12 +170,12 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
         near = (dist >= 0) & (dist < band) & vald[:, None, None, None, :]
         band_max = torch.where(near, xn, NEG_INF).amax(-1)
         m = row_shift(band_max, bound[:, :, :, qi], has_far[..., qi])
-        w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m)
+        w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far[..., qi])
         nd = w @ _with_ones(vd.to(dt))[:, :, None]  # [B, Hkv, G, C, D+1]
         if j >= 0:
             phq = fmap(q5[:, :, :, qi].to(dt)).reshape(b, hkv, g * c_, r)
             far = (phq @ (coef[:, None] * state)).view(b, hkv, g, c_, -1)
-            nd = nd + torch.exp(-m)[..., None] * far
+            nd = nd + far_scale(m, has_far[..., qi])[..., None] * far
         den = nd[..., -1]
         out[:, :, :, qi] = (nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)[..., None]).to(q.dtype)
         m_all[:, :, :, qi], den_all[:, :, :, qi] = m, den
@@ -177,7 +185,7 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
 # ------------------------------------------------------------------------------------------ backward
 def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band, chunk, softcap):
     lay = _Layout(q, k, chunk, band)
-    dt, q5, fmap, coef, _, _ = _prepare(q, k, v, valid, scale, coeffs, lay)
+    dt, q5, fmap, coef, _, has_far = _prepare(q, k, v, valid, scale, coeffs, lay)
     b, hkv, g, c_, d = lay.b, lay.hkv, lay.g, lay.c, lay.d
     r, dv_dim = coef.numel(), v.shape[-1]
     do5 = do.view(b, hkv, g, lay.nq, dv_dim).to(dt)
@@ -194,15 +202,15 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
     for c, j, qi, lo, hi in _forward_sweep(lay, state, fmap, k, v, valid, dt):
         kslc = slice(lo * c_, hi * c_)
         kd, vd, vald = k[:, :, kslc].to(dt), v[:, :, kslc].to(dt), valid[:, kslc]
-        qc, m, dp = q5[:, :, :, qi].to(dt), m_all[:, :, :, qi], dprime[:, :, :, qi]
+        qc, m, dp, hf = q5[:, :, :, qi].to(dt), m_all[:, :, :, qi], dprime[:, :, :, qi], has_far[..., qi]
         x = (qc * scale) @ kd[:, :, None].transpose(-1, -2)
-        w, dw_dx = direct_weights(x, lay.dist(c, lo, q.device), vald, band, coeffs, softcap, m)
+        w, dw_dx = direct_weights(x, lay.dist(c, lo, q.device), vald, band, coeffs, softcap, m, hf)
         dx = dw_dx * (dp @ _with_ones(vd)[:, :, None].transpose(-1, -2))  # [B, Hkv, G, C, K]
         dq[:, :, :, qi] = scale * (dx @ kd[:, :, None])
         dk[:, :, kslc] += scale * torch.einsum("bhgck,bhgcd->bhkd", dx, qc)
         dv[:, :, kslc] += torch.einsum("bhgck,bhgcd->bhkd", w, dp[..., :-1])
         if j >= 0:
-            dps = (dp * torch.exp(-m)[..., None]).reshape(b, hkv, g * c_, -1)
+            dps = (dp * far_scale(m, hf)[..., None]).reshape(b, hkv, g * c_, -1)
             g_feat = (dps @ (coef[:, None] * state).transpose(-1, -2)).view(b, hkv, g, c_, r)
             dq[:, :, :, qi] += fmap.vjp(qc, g_feat)
 
@@ -214,7 +222,7 @@ def poly_chunk_bwd(do, q, k, v, valid, out, m_all, den_all, scale, coeffs, band,
         if c >= lay.c0:
             qi = lay.query_slice(c)
             phq = fmap(q5[:, :, :, qi].to(dt)).reshape(b, hkv, g * c_, r)
-            scaled = dprime[:, :, :, qi] * torch.exp(-m_all[:, :, :, qi])[..., None]
+            scaled = dprime[:, :, :, qi] * far_scale(m_all[:, :, :, qi], has_far[..., qi])[..., None]
             ustate += phq.transpose(-1, -2) @ scaled.reshape(b, hkv, g * c_, -1)
         ks = slice(j * c_, (j + 1) * c_)
         kc, vc = k[:, :, ks].to(dt), _values(v, valid, ks, dt)
@@ -296,7 +304,7 @@ def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid
         m = row_shift(torch.where(near, xn, NEG_INF).amax(-1), bound, has_far)
         if sink is not None:
             m = torch.maximum(m, sink)
-    w, _ = direct_weights(x, dist, valid, band, coeffs, softcap, m)
+    w, _ = direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far)
     nd = w @ _with_ones(v.to(dt))[:, :, None]
     den = nd[..., -1:]
     if sink is not None:

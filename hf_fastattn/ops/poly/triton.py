@@ -510,7 +510,7 @@ def _fwd(
     for kb in range(s * SEG, kfar):
         b_acc, b_den = _direct_fwd(b_acc, b_den, b_q, p_k, p_v, VALID, i_b, kb, o_q, b_m, s_kn, s_vn, NK, scale,
                                    band, c0, c1, c2, softcap, D, BT, m_e, o_d, HAS_SOFTCAP, DT, True)
-    em = tl.exp(-b_m)
+    em = tl.where(hasfar, tl.exp(-b_m), 0.0)  # a row without far keys: e^{-m} may overflow, its far terms are 0
     b_acc *= em[:, None]
     b_den *= em
     for kb in range(kfar, kc1):
@@ -571,7 +571,7 @@ def _direct_q_block(b_dq, b_q, K, V, VALID, DK, DV_, k_off, v_off, i_b, kb, o_q,
 
 @triton.jit
 def _direct_bwd_q(
-    Q, K, V, VALID, O, DO, M, DEN, FA, FB, DD, DQ, DK, DV_,
+    Q, K, V, VALID, HASFAR, O, DO, M, DEN, FA, FB, DD, DQ, DK, DV_,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     NQ, NK, H, G, scale, band, c0, c1, c2, softcap,
     LAG: tl.constexpr, SEG: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
@@ -598,7 +598,7 @@ def _direct_bwd_q(
     rden = _rcp(tl.load(DEN + i_bh * NQ + rows))
     b_m = tl.load(M + i_bh * NQ + rows)
     b_dd = -tl.sum(b_do * b_o, 1) * rden  # [BT]
-    em = tl.exp(-b_m)
+    em = tl.where(tl.load(HASFAR + i_b * NQ + rows) > 0, tl.exp(-b_m), 0.0)  # as in `_fwd`
     tl.store(DD + i_bh * NQ + rows, b_dd)
     b_fb = em * b_dd
     tl.store(FA + i_bh * NQ + rows, em * rden)
@@ -1059,7 +1059,7 @@ class PolyTritonFunction(torch.autograd.Function):
         out, m, den = _readout(p, q, k, v, valid, bound, hasfar, ta, tb, st, sd, weights, band, softcap)
         if sinks is not None:  # ops/sinks.py: the kernels' backward is exact for the folded (out, m, den)
             out, m, den = fold_sink(out, m, den, sinks)
-        ctx.save_for_backward(q, k, v, valid, out, m, den, ta, tb, sinks)
+        ctx.save_for_backward(q, k, v, valid, hasfar, out, m, den, ta, tb, sinks)
         # not saved tensors: the backward drops them once read (it holds U next), a second one rebuilds them
         ctx.states = (st, sd) if save_states else None
         ctx.args = (scale, coeffs, band, chunk, softcap, tile, segment, rows)
@@ -1068,7 +1068,7 @@ class PolyTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         count("poly_triton.backward")
-        q, k, v, valid, out, m, den, ta, tb, sinks = ctx.saved_tensors
+        q, k, v, valid, hasfar, out, m, den, ta, tb, sinks = ctx.saved_tensors
         scale, coeffs, band, chunk, softcap, tile, segment, rows = ctx.args
         p = _Plan(q, k, v, band, chunk, tile, segment, rows)
         weights = (float(scale), *(float(c) for c in coeffs))
@@ -1087,7 +1087,7 @@ class PolyTritonFunction(torch.autograd.Function):
         scalars = (weights[0], int(band), *weights[1:], float(softcap or 0.0))
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
         _launch(_direct_bwd_q, (p.nq // chunk, p.b * p.h),
-            q, k, v, valid, out, do, m, den, fa, fb, dd, dq, dk, dvv, *strides, p.nq, p.nk, p.h, p.g, *scalars,
+            q, k, v, valid, hasfar, out, do, m, den, fa, fb, dd, dq, dk, dvv, *strides, p.nq, p.nk, p.h, p.g, *scalars,
             ATOMIC_KV=not key_major, **direct,
         )
         if key_major:
