@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import CONV_PLACEMENTS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_KNOBS = {"tile", "seg", "rows", "save"}  # poly spec keys that call the Triton kernels' schedule directly
 
@@ -34,16 +36,91 @@ def segmented_terms(n: int, d: int, r: int, chunk: int, band: int, segment: int)
 
 
 # ------------------------------------------------------------------------------------------ methods
+# what each method spec may override after its colon (poly:band=64,chunk=128): int, or the allowed words
+SPEC_KEYS = {
+    "sdpa": {}, "flash": {}, "exact": {},
+    "poly": {"degree": int, "band": int, "chunk": int, "kernel": ("auto", "torch", "triton"),
+             **{k: int for k in sorted(TRITON_KNOBS)}},
+    "conv": {"k": int, "placement": CONV_PLACEMENTS},
+}
+MODES = ("fwd", "fwdbwd")
+
+
+def parse_spec(name: str) -> tuple[str, dict]:
+    """'poly:band=64,chunk=128' -> ('poly', {'band': '64', 'chunk': '128'}); unknown methods, keys, keys
+    without a value and values of the wrong type raise, naming what is allowed."""
+    base, _, opt = name.partition(":")
+    if base not in SPEC_KEYS:
+        raise ValueError(f"unknown method {base!r} in {name!r}; choose from {', '.join(SPEC_KEYS)} "
+                         "(poly:degree=,band=,chunk=,kernel=; conv:k=,placement=)")
+    allowed, extra = SPEC_KEYS[base], {}
+    for item in filter(None, opt.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in allowed:
+            keys = ", ".join(allowed) or "none"
+            raise ValueError(f"method {name!r}: unknown option {key!r}; {base} takes {keys}")
+        if not eq or not value:
+            raise ValueError(f"method {name!r}: option {key!r} needs a value ({key}=...)")
+        kind = allowed[key]
+        if kind is int and not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"method {name!r}: {key}={value!r} must be an integer")
+        if kind is not int and value not in kind:
+            raise ValueError(f"method {name!r}: {key}={value!r}; choose from {', '.join(kind)}")
+        extra[key] = value
+    return base, extra
+
+
+def comma_list(check):
+    """An argparse type: a comma list, each item through `check` (which raises ValueError), so a bad item is a
+    usage error naming it before anything runs, not a traceback later."""
+    def parse(text: str) -> list:
+        try:
+            return [check(x) for x in text.split(",")]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
+        raise ValueError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
+    return mode
+
+
+def check_args(args) -> tuple[list[int], list[str], list[str]]:
+    """(lengths, methods, modes) from the string options, every one checked before anything is timed (a bad
+    spec must not surface after an hour of measuring); a method that cannot run here (flash-attn missing)
+    is refused too."""
+    try:
+        lengths, modes = [positive_int(x) for x in args.lengths.split(",")], [check_mode(m) for m in args.modes.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--lengths {args.lengths!r} / --modes {args.modes!r}: {err}") from None
+    methods = args.methods.split("+") if "+" in args.methods else args.methods.split(",")
+    for m in methods:
+        _method_fn(m, args)
+    return lengths, methods, modes
+
+
 def _method_fn(name: str, args):
     """fn(q, k, v) -> out for a method spec: sdpa, flash, exact, poly, conv (conv:k=16 style overrides)."""
-    base, _, opt = name.partition(":")
-    extra = dict(kv.split("=") for kv in opt.split(",") if kv)
+    base, extra = parse_spec(name)
     scale = args.head_dim**-0.5
     if base == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                               enable_gqa=q.shape[1] != k.shape[1])
     if base == "flash":
-        from flash_attn import flash_attn_func  # optional; GPU only
+        try:
+            from flash_attn import flash_attn_func  # optional; GPU only
+        except ImportError:
+            raise ValueError("method 'flash' needs the flash-attn package (pip install flash-attn, CUDA only); "
+                             "drop it from --methods") from None
 
         return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                causal=True, softmax_scale=scale).transpose(1, 2)
@@ -74,13 +151,11 @@ def _method_fn(name: str, args):
         kb = int(extra.get("k", args.conv_k))
         placement = extra.get("placement", "even")
         return lambda q, k, v: conv_attention(q, k, v, scale, k_bases=kb, placement=placement)
-    raise ValueError(f"unknown method {name!r}; choose from sdpa, flash, exact, poly[:degree=,band=,chunk=], conv[:k=]")
 
 
 def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, args) -> float:
     """Our own FLOP count (matmuls only). Causal softmax attention: 4 B H N^2 D / 2 forward, x3.5 fwd+bwd."""
-    base, _, opt = name.partition(":")
-    extra = dict(kv.split("=") for kv in opt.split(",") if kv)
+    base, extra = parse_spec(name)
     mult = 1.0 if mode == "fwd" else 3.5
     if base in ("sdpa", "flash", "exact"):
         return mult * 2.0 * b * h * n * n * d
@@ -326,9 +401,7 @@ def run(args, checkpoint=None) -> dict:
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    methods = args.methods.split("+") if "+" in args.methods else args.methods.split(",")
-    modes = args.modes.split(",")
+    lengths, methods, modes = check_args(args)
     results, skip, ran = [], set(), set()
     b, h, hkv, d = args.batch, args.heads, args.kv_heads or args.heads, args.head_dim
     from tqdm import tqdm
@@ -446,5 +519,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    try:
+        check_args(args)
+    except ValueError as err:
+        raise SystemExit(f"hf-fastattn bench: {err}") from None
     path = report_path(args.out, "attention", args.device, args.dtype)
     return save_report(run(args, checkpoint_to(path)), path, print_table, plot, args.no_plot)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import (DTYPES, _sync, checkpoint_to, compare, environment, report_path, save_report, time_step,
-                    timed_row)
+from .bench import (DTYPES, _sync, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
+                    report_path, save_report, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
 from .ops import stats
@@ -72,9 +72,8 @@ def run(args, checkpoint=None) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    bad = [m for m in args.modes if m not in ("fwd", "fwdbwd")]
-    if bad:
-        raise ValueError(f"--modes: {bad} not among fwd, fwdbwd")
+    for mode in args.modes:  # parsed lists from the command line are checked already; run() may get others
+        check_mode(mode)
     arms = [parse_arm(spec) for spec in args.arms]  # bad specs fail before any model is built
     model = build_model(args, device, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -178,15 +177,20 @@ def plot(report, path: Path) -> None:
     plt.close(fig)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+def _arm(spec: str) -> str:
+    try:
+        parse_arm(spec)  # raises ValueError naming the bad option
+    except OSError as err:  # plan:<file> that is not there
+        raise ValueError(f"arm {spec!r}: {err}") from None
+    return spec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arms", type=lambda s: s.split(","), default=["sdpa", "exact", "poly", "band:local_window=64"],
+    p.add_argument("--arms", type=comma_list(_arm), default=["sdpa", "exact", "poly", "band:local_window=64"],
                    help="comma list of arms (sdpa, exact, poly[:option=value...], band:..., conv:...)")
-    p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="comma list of sequence lengths")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["fwdbwd"],
+    p.add_argument("--lengths", type=comma_list(positive_int), default=[1024, 2048, 4096],
+                   help="comma list of sequence lengths")
+    p.add_argument("--modes", type=comma_list(check_mode), default=["fwdbwd"],
                    help="fwdbwd (a training step) and/or fwd (a no-grad prefill)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="query heads")

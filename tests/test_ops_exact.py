@@ -113,6 +113,18 @@ def test_more_queries_than_keys_raises():
         exact_attention(q, k, v, 1.0)
 
 
+@pytest.mark.parametrize("option, match", [
+    (dict(window=0), r"window must be an integer >= 1; got 0"),
+    (dict(block=-2), r"block must be an integer >= 0"),
+    (dict(softcap=-1.0), r"softcap must be None or a finite number > 0"),
+    (dict(kv_valid=torch.ones(8, dtype=torch.bool)), r"kv_valid must be a bool tensor \[B, Nk\] = \[1, 8\]"),
+])
+def test_bad_options_raise(option, match):
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 4, False)
+    with pytest.raises(ValueError, match=match):
+        exact_attention(q, k, v, 1.0, **option)
+
+
 @pytest.mark.parametrize("nq, nk, window, pad, fused", [
     (64, 64, None, False, True), (1, 64, None, False, True),  # full causal, one decoding row
     (20, 64, None, False, False), (64, 64, 8, False, False), (64, 64, None, True, False),  # prefill, window, pad

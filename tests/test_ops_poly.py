@@ -192,6 +192,25 @@ def test_public_function_dispatch_and_errors():
         poly_attention(q, k, v, 0.3, kernel="cuda")
 
 
+@pytest.mark.parametrize("option, match", [
+    (dict(chunk=-8), r"chunk must be an integer >= 1; got -8"),  # used to give all-zero rows silently
+    (dict(chunk=0), r"chunk must be an integer >= 1"),
+    (dict(chunk=4.5), r"chunk must be an integer >= 1; got 4.5"),
+    (dict(band=-1), r"band must be an integer >= 0; got -1"),
+    (dict(band=True), r"band must be an integer"),
+    (dict(softcap=0.0), r"softcap must be None or a finite number > 0; got 0.0"),
+    (dict(softcap=-30.0), r"softcap must be None or a finite number > 0"),
+    (dict(kv_valid=torch.ones(20, dtype=torch.bool)), r"kv_valid must be a bool tensor \[B, Nk\] = \[1, 20\]"),
+    (dict(kv_valid=torch.ones(1, 1, 20, dtype=torch.bool)), r"got \(1, 1, 20\)"),
+    (dict(kv_valid=torch.ones(1, 20)), r"kv_valid must be bool .* got torch.float32"),
+])
+@pytest.mark.parametrize("nq", [20, 3])  # chunked and direct (decode) forms
+def test_bad_options_raise(option, match, nq):
+    q, k, v = _qkv(1, 4, 2, nq, 20, 8)
+    with pytest.raises(ValueError, match=match):
+        poly_attention(q, k, v, 0.3, **{"chunk": 4, **option})
+
+
 # -------------------------------------------------------------------------------- overflow safety
 @pytest.mark.parametrize("band", [0, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

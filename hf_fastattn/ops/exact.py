@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .masks import acc_dtype, check_qkv, dense_mask, group_queries, key_range, repeat_kv, visible
+from .masks import acc_dtype, check_int, check_kv_valid, check_qkv, check_softcap, dense_mask, group_queries, key_range, repeat_kv, visible
 from .sinks import check_sinks, fold_sink, sink_grad, softmax_with_sink
 from .stats import count
 
@@ -211,6 +211,9 @@ def exact_attention(
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
+    block, softcap, kv_valid = check_int("block", block, 0), check_softcap(softcap), check_kv_valid(kv_valid, q, k)
+    if window is not None:
+        window = check_int("window", window, 1)
     if causal and window is not None and window >= k.shape[2]:  # a window spanning every key is no window
         window = None
     plain = causal and window is None and softcap is None and kv_valid is None and not block and sinks is None
@@ -219,6 +222,4 @@ def exact_attention(
         if out is not None:
             count("exact.sdpa")
             return out
-    if kv_valid is not None:
-        kv_valid = kv_valid.to(device=q.device, dtype=torch.bool)
     return ExactAttnFunction.apply(q, k, v, float(scale), causal, window, softcap, kv_valid, block, sinks)

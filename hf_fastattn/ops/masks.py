@@ -8,6 +8,8 @@ key slot `q_start + i` with `q_start = Nk - Nq`. A key slot j is visible from ro
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -67,6 +69,40 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64 (gradcheck), everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_kv_valid(kv_valid: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The padding mask as bool [B, Nk] on q's device, or None; a mask of another shape is refused (a
+    broadcast [Nk] or [B, 1, Nk] would silently mask the wrong slots)."""
+    if kv_valid is None:
+        return None
+    if not isinstance(kv_valid, torch.Tensor) or tuple(kv_valid.shape) != (k.shape[0], k.shape[2]):
+        shape = tuple(kv_valid.shape) if isinstance(kv_valid, torch.Tensor) else type(kv_valid).__name__
+        raise ValueError(f"kv_valid must be a bool tensor [B, Nk] = [{k.shape[0]}, {k.shape[2]}] (False on padded "
+                         f"key slots); got {shape}")
+    if kv_valid.is_floating_point() or kv_valid.is_complex():
+        raise ValueError(f"kv_valid must be bool (or integer 0/1), True where a key slot is real; got {kv_valid.dtype}")
+    return kv_valid.to(device=q.device, dtype=torch.bool)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """An integer option >= minimum (bools and floats refused: chunk=1.5 or band=True are mistakes)."""
+    try:
+        n = operator.index(value)  # int, numpy and 0-d integer tensors; not 1.5
+    except TypeError:
+        n = None
+    if isinstance(value, bool) or n is None or n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return n
+
+
+def check_softcap(softcap) -> float | None:
+    """None (no capping) or a finite positive float: logits -> softcap * tanh(logits / softcap)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < float(softcap) < float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap!r}")
+    return float(softcap)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..masks import check_qkv
+from ..masks import check_int, check_kv_valid, check_qkv, check_softcap
 from ..sinks import check_sinks
 from .chunk import poly_chunk_attention, poly_direct_attention
 from .features import FeatureMap, check_feature_count, poly_coefficients
@@ -75,6 +75,8 @@ def poly_attention(
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
+    band, chunk = check_int("band", band, 0), check_int("chunk", chunk, 1)
+    softcap, kv_valid = check_softcap(softcap), check_kv_valid(kv_valid, q, k)
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton'; got {kernel!r}")
     c = poly_coefficients(degree, coeffs, fit_range)

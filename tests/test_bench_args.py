@@ -1,0 +1,74 @@
+"""Benchmark command lines: every method spec, length and mode is checked before anything is timed, with an
+error naming the bad item and what is allowed (a typo must not surface after an hour of measuring)."""
+
+import argparse
+import re
+
+import pytest
+
+from hf_fastattn import bench, bench_model
+
+
+def _args(module, *argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("methods, match", [
+    ("sdpa,bogus", r"unknown method 'bogus' in 'bogus'; choose from sdpa, flash, exact, poly, conv"),
+    ("poly:foo=3", r"method 'poly:foo=3': unknown option 'foo'; poly takes degree, band, chunk, kernel"),
+    ("poly:degree", r"option 'degree' needs a value \(degree=...\)"),
+    ("poly:band=wide", r"band='wide' must be an integer"),
+    ("poly:kernel=cuda", r"kernel='cuda'; choose from auto, torch, triton"),
+    ("conv:placement=random", r"placement='random'; choose from search, even, geometric"),
+    ("exact:band=4", r"unknown option 'band'; exact takes none"),
+])
+def test_bench_bad_method_specs(methods, match):
+    args = _args(bench, "--methods", methods, "--lengths", "64", "--quiet")
+    with pytest.raises(ValueError, match=match):
+        bench.check_args(args)
+    with pytest.raises(SystemExit, match=f"hf-fastattn bench: .*{match}"):
+        bench.main(args)
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("--lengths", "128,0", r"'0' is not a positive integer"),
+    ("--lengths", "1k", r"'1k' is not a positive integer"),
+    ("--modes", "fwd,bwd", r"mode 'bwd': choose from fwd, fwdbwd"),
+])
+def test_bench_bad_lengths_and_modes(option, value, match):
+    args = _args(bench, option, value, "--quiet")
+    with pytest.raises(ValueError, match=match):
+        bench.run(args)  # raised before any row is timed
+
+
+def test_bench_flash_without_flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"method 'flash' needs the flash-attn package"):
+            bench.check_args(_args(bench, "--methods", "sdpa,flash"))
+    else:
+        pytest.skip("flash-attn is installed here")
+
+
+def test_bench_good_specs_parse():
+    base, extra = bench.parse_spec("poly:band=64,chunk=128,kernel=torch,seg=1024")
+    assert base == "poly" and extra == {"band": "64", "chunk": "128", "kernel": "torch", "seg": "1024"}
+    lengths, methods, modes = bench.check_args(_args(bench, "--methods", "sdpa+poly:band=8,chunk=64+conv:k=4",
+                                                     "--lengths", "64,128", "--modes", "fwdbwd"))
+    assert (lengths, methods, modes) == ([64, 128], ["sdpa", "poly:band=8,chunk=64", "conv:k=4"], ["fwdbwd"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--modes", "fwd,train"], r"argument --modes: mode 'train': choose from fwd, fwdbwd"),
+    (["--lengths", "1024,-1"], r"argument --lengths: '-1' is not a positive integer"),
+    (["--arms", "sdpa,poly:degre=2"], r"argument --arms: arm 'poly:degre=2': unknown option 'degre'"),
+    (["--arms", "plan:/nonexistent/plan.json"], r"argument --arms: arm 'plan:/nonexistent/plan.json': .*No such file"),
+])
+def test_bench_model_bad_arguments_are_usage_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _args(bench_model, *argv)
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
