@@ -231,7 +231,8 @@ def _rows_mask(kv_valid, b, n, device):
 
 @torch.no_grad()
 def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[list[HeadStats], dict]:
-    """Per-head statistics of one layer's captured inputs, plus the squared-error sums for pooling."""
+    """Per-head statistics of one layer's captured inputs, plus the sums for pooling over batches: squared
+    errors and reference norms, the entropy summed over real rows and the number of real rows."""
     b, h, n, d = q.shape
     q, k, v = q.float(), k.float(), v.float()
     groups = h // k.shape[1]
@@ -245,7 +246,9 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
     logit_max = logits.abs().masked_fill(~vis, 0).amax((0, 2, 3))
     p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
     ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, N]
-    ent = (ent * rows[..., 0]).sum((0, 2)) / rows.sum().clamp_min(1)
+    ent_sum = (ent * rows[..., 0]).sum((0, 2))  # [H], over real rows
+    real_rows = int(rows.sum())
+    ent = ent_sum / max(real_rows, 1)
     q_inf = math.sqrt(s) * q.abs().amax((0, 2, 3))
     k_inf = (math.sqrt(s) * kr.abs().amax((0, 2, 3)))
     coeffs2 = poly_coefficients(2)
@@ -275,7 +278,7 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
             else:
                 st.feasible[name] = True
         stats.append(st)
-    return stats, {"ref_sq": ref_sq, "err_sq": sums}
+    return stats, {"ref_sq": ref_sq, "err_sq": sums, "ent_sum": ent_sum, "rows": real_rows}
 
 
 # ------------------------------------------------------------------------------------------- diagnose
@@ -339,7 +342,7 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
     capture = _Capture()
     backend._HOOKS.append(capture)
     device = _model_device(model)
-    pooled, per_layer, tokens, first_batch, head_dim = {}, {}, 0, None, 0
+    pooled, per_layer, tokens, width, first_batch, head_dim = {}, {}, 0, 0, None, 0
     try:
         batches = list(_batches(data, max_batches))
         num_layers = model.config.get_text_config().num_hidden_layers
@@ -354,9 +357,11 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
             capture.layers.clear()
             with torch.no_grad():
                 model(**batch, use_cache=False)
-            tokens = max(tokens, batch["input_ids"].shape[1])
+            width = max(width, batch["input_ids"].shape[1])
             for layer, (q, k, v, kv_valid, opts) in sorted(capture.layers.items()):
                 head_dim = q.shape[-1]
+                # the longest real row (padding left out; packed sequences one by one, as the ops see them)
+                tokens = max(tokens, k.shape[2] if kv_valid is None else int(kv_valid.sum(-1).max()))
                 stats, sums = layer_stats(q, k, v, kv_valid, opts, settings, layer)
                 bar.update(1)
                 if layer not in per_layer:
@@ -369,12 +374,16 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
                         old.rms_logit = max(old.rms_logit, new.rms_logit)
                         old.predicted = {s: max(old.predicted[s], new.predicted[s]) for s in old.predicted}
                     pooled[layer]["ref_sq"] += sums["ref_sq"]
+                    pooled[layer]["ent_sum"] += sums["ent_sum"]  # entropy: a mean over all real rows
+                    pooled[layer]["rows"] += sums["rows"]
                     for s in settings:
                         pooled[layer]["err_sq"][s] += sums["err_sq"][s]
         heads = []
         for layer in sorted(per_layer):
             ref_sq = pooled[layer]["ref_sq"].clamp_min(1e-30)
+            ent = pooled[layer]["ent_sum"] / max(pooled[layer]["rows"], 1)
             for st in per_layer[layer]:
+                st.entropy = float(ent[st.head])
                 st.errors = {s: float((pooled[layer]["err_sq"][s][st.head] / ref_sq[st.head]).sqrt())
                              for s in settings}
                 heads.append(st)
@@ -389,7 +398,8 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
         if capture in backend._HOOKS:
             backend._HOOKS.remove(capture)
         _restore(model, before, impl)
-    meta = {"settings": settings, "tokens_per_row": tokens, "batches": len(batches), "head_dim": head_dim,
+    meta = {"settings": settings, "tokens_per_row": tokens, "padded_width": width, "batches": len(batches),
+            "head_dim": head_dim,
             "model_type": model.config.model_type, "num_layers": num_layers}
     return Report(heads, depth, meta)
 
@@ -429,7 +439,7 @@ def plan(report: Report, budget: float, *, length: int | None = None, settings: 
     if unknown:
         raise ValueError(f"settings {unknown} were not measured; the report has {sorted(all_settings)}")
     d = report.meta.get("head_dim", 64)
-    n_measured = report.meta["tokens_per_row"]
+    n_measured = report.meta["tokens_per_row"]  # the longest real (unpadded) row measured
     # a band or a basis that covered every measured token was exact by construction: its error says nothing
     names = [s for s in names if not _covers(all_settings[s], n_measured)]
     chosen_settings = {EXACT: {"method": "exact"}}
@@ -483,7 +493,7 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
                 if heads is None or opts["window"] is not None:
                     continue
                 ref = naive_attention(q.float(), k.float(), v.float(), opts["scale"], True, None, opts["softcap"],
-                                      kv_valid)
+                                      kv_valid, _sinks(opts))
                 rows = _rows_mask(kv_valid, q.shape[0], q.shape[2], q.device)
                 out = torch.zeros_like(ref)
                 for name in set(heads):
@@ -527,10 +537,12 @@ def predicted_vs_realised(report: Report, p: dict, realised: dict) -> str:
 
 
 def clone_with_plan(model, p: dict):
-    """A deep copy of `model` running plan `p` (the original is left untouched)."""
+    """A deep copy of `model` running plan `p` on default options (the original is left untouched): nothing
+    of the model's previous configuration (method, band, degree, per-layer overrides) carries over into the
+    plan's settings, which run as they were measured."""
     from . import configure
 
     m = copy.deepcopy(model)
-    configure(m, replace=False, plan=p)
+    configure(m, replace=True, plan=p)
     return m
 

@@ -13,6 +13,7 @@ from hf_fastattn.diagnostics import (
     DEFAULT_SETTINGS,
     HeadStats,
     Report,
+    clone_with_plan,
     diagnose,
     evaluate_plan,
     layer_stats,
@@ -33,10 +34,13 @@ def _tokens(b, n, seed):
     return torch.randint(3, 97, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_report_errors_equal_direct_computation():
+@pytest.mark.parametrize("name", ["poly-d2-w64", "conv-k16"])
+def test_report_errors_equal_direct_computation(name):
+    """The measured error of a setting (poly with a band, conv with an even basis) is the head's relative output
+    error against exact attention on the captured inputs, computed here by the op itself."""
     _, model = model_pair(tiny_config("llama"))
     x = _tokens(2, 96, 0)
-    report = diagnose(model, x, SMALL, depth_settings=[], progress=False)
+    report = diagnose(model, x, {name: SMALL[name]}, depth_settings=[], progress=False)
     captured = {}
 
     def hook(module, layer, q, k, v, kv_valid, opts):
@@ -51,10 +55,14 @@ def test_report_errors_equal_direct_computation():
         backend._HOOKS.remove(hook)
     q, k, v, opts = captured[1]
     ref = naive_attention(q, k, v, opts["scale"])
-    out = naive_poly_attention(q, k, v, opts["scale"], poly_coefficients(2), 64)
+    if name.startswith("poly"):
+        out = naive_poly_attention(q, k, v, opts["scale"], poly_coefficients(2), 64)
+    else:
+        out = conv_attention(q, k, v, opts["scale"], k_bases=16, placement="even")
     head = 3
     direct = ((out - ref)[:, head].norm() / ref[:, head].norm()).item()
-    assert math.isclose(report.head(1, head).errors["poly-d2-w64"], direct, rel_tol=1e-4)
+    assert direct > 1e-4  # an approximation, not exact by construction
+    assert math.isclose(report.head(1, head).errors[name], direct, rel_tol=1e-4)
     logits = opts["scale"] * q[:, head] @ k[:, head // 2].transpose(-1, -2)
     causal = torch.ones(96, 96, dtype=torch.bool).tril()
     assert math.isclose(report.head(1, head).logit_max, logits.abs()[:, causal].max().item(), rel_tol=1e-5)
@@ -324,3 +332,93 @@ def test_evaluate_plan_end_to_end_numbers_equal_direct_computation():
     assert 1e-4 < rel and realised["logit_rel_err"] == pytest.approx(rel, rel=1e-3)
     assert realised["loss_exact"] == pytest.approx(a.loss.item(), rel=1e-5)
     assert realised["loss_plan"] == pytest.approx(b.loss.item(), rel=1e-5)
+
+
+def test_plan_covering_is_decided_on_the_longest_real_row():
+    """A band or basis covering every *real* token was exact by construction, whatever the padded width: rows of
+    24 (left padded) and 20 (right padded) real tokens in a batch 40 wide, a band of 32 and a basis of 28 lie
+    between the two. The plan (and the measured errors) must be those of the same rows run unpadded, where both
+    settings cover their rows and are never planned; the padded width once decided, and planned them."""
+    _, model = model_pair(tiny_config("llama"))
+    settings = {"poly-w32": {"method": "poly", "local_window": 32}, "conv-k28": {"method": "conv", "conv_k": 28}}
+    x = _tokens(2, 40, 41)
+    mask = torch.ones_like(x)
+    mask[0, :16] = 0  # left padding: 24 real tokens
+    mask[1, 20:] = 0  # right padding: 20 real tokens
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # the real tokens at the positions they have unpadded
+    padded = diagnose(model, {"input_ids": x, "attention_mask": mask, "position_ids": positions}, settings,
+                      depth_settings=[], progress=False)
+    rows = [x[0:1, 16:], x[1:2, :20]]
+    unpadded = diagnose(model, rows, settings, depth_settings=[], progress=False)
+    assert padded.meta["tokens_per_row"] == unpadded.meta["tokens_per_row"] == 24
+    assert padded.meta["padded_width"] == 40
+    for hp, hu in zip(padded.heads, unpadded.heads):
+        for s in settings:
+            assert hp.errors[s] == pytest.approx(hu.errors[s], abs=1e-5)
+    for budget in (0.01, 0.5):
+        assert plan(padded, budget) == plan(unpadded, budget)
+        assert set(plan(padded, budget)["settings"]) == {"exact"}
+
+
+def test_evaluate_plan_reference_keeps_attention_sinks():
+    """GPT-OSS sinks (s_aux) are part of the exact attention evaluate_plan compares against: a plan of exact heads
+    realises no error, and a conv plan realises the errors diagnose measured on the same inputs (the reference
+    once dropped the sinks, so exact heads showed a sizable error)."""
+    cfg = tiny_config("gpt_oss")
+    _, model = model_pair(cfg)  # sinks ~ N(0, 2): dropping them changes the attention by O(1)
+    x = _tokens(2, 24, 42)
+    exact = _round_robin_plan(cfg, {"exact": {"method": "exact"}})
+    realised = evaluate_plan(model, exact, x)
+    assert set(realised["per_head"]) == {f"1.{h}" for h in range(cfg.num_attention_heads)}  # layer 0 is sliding
+    assert max(realised["per_head"].values()) < 1e-5
+    assert realised["logit_rel_err"] < 1e-5
+    conv = {"exact": {"method": "exact"}, "c": {"method": "conv", "conv_k": 4}}
+    p = {"settings": conv, "layers": {"0": ["exact"] * 4, "1": ["c"] * 4}}
+    report = diagnose(model, x, {"c": conv["c"]}, depth_settings=[], progress=False)
+    realised = evaluate_plan(model, p, x)
+    for h in range(cfg.num_attention_heads):
+        assert report.head(1, h).errors["c"] > 1e-4
+        assert realised["per_head"][f"1.{h}"] == pytest.approx(report.head(1, h).errors["c"], rel=1e-4)
+
+
+def test_clone_with_plan_leaves_the_previous_configuration_behind():
+    """The clone runs the plan on default options, as diagnose measured its settings: the model's own method,
+    degree, chunk size and per-layer overrides do not leak into it (they once did: degree 4 ran the plan's
+    degree-2 setting). The original keeps its configuration."""
+    cfg = tiny_config("llama")
+    _, model = model_pair(cfg)
+    hf_fastattn.configure(model, method="poly", degree=4, chunk_size=8, guard="off", layers={1: {"local_window": 9}})
+    before = hf_fastattn.get_config(model.config).to_dict()
+    p = _round_robin_plan(cfg, {"exact": {"method": "exact"}, "p": {"method": "poly", "local_window": 4}})
+    clone = clone_with_plan(model, p)
+    assert hf_fastattn.get_config(clone.config).to_dict() == hf_fastattn.FastAttnConfig(plan=p).to_dict()
+    assert hf_fastattn.get_config(clone.config).setting("p").degree == 2
+    assert hf_fastattn.get_config(model.config).to_dict() == before
+    fresh = model_pair(cfg)[1]
+    hf_fastattn.configure(fresh, replace=True, plan=p)
+    x = _tokens(2, 24, 43)
+    with torch.no_grad():
+        a, b = fresh(input_ids=x).logits, clone(input_ids=x).logits
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_diagnose_pools_entropy_over_all_real_rows():
+    """A head's entropy over several batches is the mean over all their real rows (weighted by rows, padding left
+    out): two batches (1 row, then 2 rows with right padding) give what the concatenated batch gives, not the
+    first batch's value nor an unweighted mean of the batches."""
+    _, model = model_pair(tiny_config("llama"))
+    settings = {"conv-k4": SMALL["conv-k4"]}
+    x1, x2 = _tokens(1, 32, 44), _tokens(2, 32, 45)
+    m1, m2 = torch.ones_like(x1), torch.ones_like(x2)
+    m2[1, 12:] = 0
+    b1, b2 = {"input_ids": x1, "attention_mask": m1}, {"input_ids": x2, "attention_mask": m2}
+    cat = {"input_ids": torch.cat([x1, x2]), "attention_mask": torch.cat([m1, m2])}
+    run = lambda data: diagnose(model, data, settings, depth_settings=[], progress=False)  # noqa: E731
+    one, two, both, joint = run(b1), run(b2), run([b1, b2]), run(cat)
+    rows1, rows2 = 32, 32 + 12
+    for h1, h2, hb, hj in zip(one.heads, two.heads, both.heads, joint.heads):
+        assert hb.entropy == pytest.approx(hj.entropy, rel=1e-5)
+        assert hb.entropy == pytest.approx((rows1 * h1.entropy + rows2 * h2.entropy) / (rows1 + rows2), rel=1e-5)
+        assert hb.errors["conv-k4"] == pytest.approx(hj.errors["conv-k4"], rel=1e-4)
+    # not vacuous: the batches' entropies differ by more than the tolerance
+    assert max(abs(h1.entropy - h2.entropy) / h2.entropy for h1, h2 in zip(one.heads, two.heads)) > 1e-3
