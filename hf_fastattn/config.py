@@ -103,6 +103,11 @@ class FastAttnConfig:
         _check_positive("fit_range", self.fit_range)
         _check_positive("conv_delta", self.conv_delta)
         _check_positive("conv_eps", self.conv_eps, allow_zero=True)
+        if self.conv_placement == "search" and self.conv_delta <= 2 * self.conv_T * self.conv_eps:
+            raise ValueError(  # the op refuses it too, but only at the first forward
+                f"fastattn_config['conv_delta'] must exceed 2 conv_T conv_eps = {2 * self.conv_T * self.conv_eps:g} "
+                f"with conv_placement 'search' (a column deviates at delta - 2 T eps); got {self.conv_delta!r}"
+            )
         if not isinstance(self.layers, dict):
             raise ValueError(f"fastattn_config['layers'] must be a dict {{layer_idx: {{option: value}}}}, got {self.layers!r}")
         for idx, override in self.layers.items():

@@ -288,6 +288,7 @@ def test_configure_switches_implementation():
         ({"feature_cap": 0}, "fastattn_config['feature_cap'] must be an integer >= 1; got 0"),
         ({"exact_block": -16}, "fastattn_config['exact_block'] must be an integer >= 0; got -16"),
         ({"conv_eps": -1e-3}, "fastattn_config['conv_eps'] must be a finite number >= 0; got -0.001"),
+        ({"conv_placement": "search", "conv_delta": 0.01}, "fastattn_config['conv_delta'] must exceed 2 conv_T conv_eps = 0.016"),
         ({"layers": {"-1": {}}}, "fastattn_config['layers'] keys must be layer indices (non-negative integers), got '-1'"),
         ({"guard_tolerance": float("nan")}, "fastattn_config['guard_tolerance'] must be a finite number > 0"),
         ({"poly_save_states": "yes"}, "fastattn_config['poly_save_states'] must be true or false; got 'yes'"),

@@ -26,9 +26,10 @@ from hf_fastattn.ops.exact import naive_attention
 F64 = torch.float64
 
 
-def _qkv(b, h, hkv, n, d, std=1.0, dtype=F64):
-    return (torch.randn(b, h, n, d, dtype=dtype) * std, torch.randn(b, hkv, n, d, dtype=dtype) * std,
-            torch.randn(b, hkv, n, d, dtype=dtype))
+def _qkv(b, h, hkv, n, d, std=1.0, dtype=F64, seed=None):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, n, d, dtype=dtype, generator=g) * std,
+            torch.randn(b, hkv, n, d, dtype=dtype, generator=g) * std, torch.randn(b, hkv, n, d, dtype=dtype, generator=g))
 
 
 def _padding(b, n):
@@ -65,11 +66,14 @@ def test_fast_length():
 
 
 # ---------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("pad", [False, True])
-def test_k_equals_n_is_exact_attention(pad):
-    q, k, v = _qkv(2, 4, 2, 37, 8)
+@pytest.mark.parametrize("placement", ["even", "geometric", "search"])
+@pytest.mark.parametrize("pad, kb", [(False, 37), (False, 45), (True, 34), (True, 37), (True, 45)])
+def test_k_at_least_the_length_is_exact_attention(placement, pad, kb):
+    """k >= a row's valid length (37, or 30 and 34 with padding) puts a basis on every column, whatever the
+    placement: "geometric" used to leave gaps near the start and "search" skipped columns within its tolerance."""
+    q, k, v = _qkv(2, 4, 2, 37, 8, std=0.5, seed=11)
     valid = _padding(2, 37) if pad else None
-    out = conv_attention(q, k, v, 0.3, k_bases=37, kv_valid=valid)
+    out = conv_attention(q, k, v, 0.3, k_bases=kb, placement=placement, kv_valid=valid)
     ref = naive_attention(q, k, v, 0.3, kv_valid=valid)
     if pad:
         out, ref = out * valid[:, None, :, None], ref * valid[:, None, :, None]
@@ -119,6 +123,25 @@ def test_placements():
     assert geo[0] == 0 and geo == sorted(geo) and geo[-1] == 99 and geo[2] - geo[1] > geo[3] - geo[2]
     with pytest.raises(ValueError, match="conv_placement must be"):
         placed_starts(lengths, 4, "random")
+    for placement in ("even", "geometric"):  # an empty row: "geometric" gave 0 - round(0 ** 0) = -1
+        starts = placed_starts(torch.tensor([0, 1, 5]), 4, placement)
+        assert starts.min() >= 0 and (starts[:2] == 0).all(), placement
+
+
+@pytest.mark.parametrize("placement", ["even", "geometric", "search"])
+def test_fully_padded_row_gives_zeros(placement):
+    """A batch element with no valid key at all (kv_valid all False): its rows are 0, as in the exact op, with
+    finite gradients, and the other element is what it gives alone."""
+    q, k, v = _qkv(2, 4, 2, 30, 8, seed=5)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[0] = False
+    args = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = conv_attention(*args, 0.3, k_bases=4, placement=placement, T=3, kv_valid=valid)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in args)
+    assert (out[0] == 0).all() and (naive_attention(q, k, v, 0.3, kv_valid=valid)[0] == 0).all()
+    alone = conv_attention(q[1:], k[1:], v[1:], 0.3, k_bases=4, placement=placement, T=3)
+    assert _rel(out[1:], alone) < 1e-12
 
 
 # ---------------------------------------------------------------------------------- fft vs dense path
@@ -219,6 +242,52 @@ def test_state_rejects_a_different_history():
 
 
 # ------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("std", [3.0, 6.0])
+def test_wide_logits_float64_is_tight(std):
+    """float64 on the mixed path (logit spread ~50 / ~280: some rows by FFT, some direct) equals the dense
+    reference on the same basis to ~1e-13: the reliability threshold is per dtype (fft.RELIABLE), float32's
+    100 bounds left float64 rows at 4e-5."""
+    q, k, v = _qkv(1, 2, 2, 256, 32, std=std, seed=3)
+    lengths = torch.tensor([256])
+    starts, cum = recover(ScoreColumns(q, k, 32**-0.5, lengths), 8, "even")
+    out, n_direct = conv_fft_apply(cum, starts, v, lengths)
+    assert 0 < n_direct < 2 * 256
+    assert (out - naive_conv_attention(v, starts, cum, 2)).abs().max().item() < 1e-11 * v.abs().max().item()
+
+
+def test_wide_logits_gradcheck():
+    """gradcheck on the mixed FFT / direct path at a logit spread of ~90 (17 of 24 rows direct; 12 with float32's
+    threshold, whose FFT rows failed): its central difference divides the FFT rows' error by 2e-6, so float64 rows
+    are left to the FFT only down to ~1e-13."""
+    q, k, v = _qkv(1, 2, 1, 12, 4, std=3.0, seed=1)
+    _, state = conv_attention(q, k, v, 0.5, k_bases=3, return_state=True)
+    assert 0 < state.direct_rows < 2 * 12
+    args = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q, k, v: conv_attention(q, k, v, 0.5, k_bases=3), args)
+
+
+@pytest.mark.parametrize("placement", ["even", "geometric", "search"])
+def test_bf16_scores_accumulate_in_float32(placement):
+    """bf16 inputs compute scores, bases and sums in float32: they equal the same op on the float32 upcast of the
+    same inputs up to the final rounding to bf16, <= 2^-8 relative per element (bf16 logits of size ~10 were off
+    by ~0.03, the outputs by up to 700 %), prefill and decode alike."""
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(2, 4, 2, 41, 16, std=2.0, dtype=torch.float32, seed=9))
+    valid = torch.ones(2, 41, dtype=torch.bool)
+    valid[1, :6] = False
+    pre = (slice(None), slice(None), slice(0, 40))
+    outs, states = {}, {}
+    for dt in (torch.bfloat16, torch.float32):
+        a, b, c = (t.to(dt) for t in (q, k, v))
+        outs[dt], states[dt] = conv_attention(a[pre], b[pre], c[pre], 0.25, k_bases=6, placement=placement, T=4,
+                                              kv_valid=valid[:, :40], return_state=True)
+        outs[dt, "decode"], _ = conv_decode(a[:, :, 40:], b, c, 0.25, states[dt], kv_valid=valid)
+    for key in (torch.bfloat16, (torch.bfloat16, "decode")):
+        got, ref = outs[key], outs[torch.float32 if key is torch.bfloat16 else (torch.float32, "decode")]
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - ref).abs() <= 2**-8 * ref.abs()).all(), key
+    assert states[torch.bfloat16].cum.dtype == torch.float32
+
+
 @pytest.mark.parametrize("std", [1.0, 3.0, 6.0])
 def test_wide_logits_are_finite_and_correct(std):
     """Logits up to the hundreds: the FFT's absolute error would swamp small rows; they are recomputed."""
@@ -244,14 +313,38 @@ def test_memory_is_linear_in_n():
     assert sizes.largest <= 2 * 2 * kb * fast_length(2 * n) * (d + 1) < n * n / 4
 
 
-def test_bad_arguments():
-    q, k, v = _qkv(1, 2, 2, 10, 4)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kv_valid=torch.ones(10, dtype=torch.bool)), r"kv_valid must be a bool tensor \[B, Nk\] = \[1, 10\].*got \(10,\)"),
+    (dict(kv_valid=torch.ones(1, 1, 10, dtype=torch.bool)), r"kv_valid must be a bool tensor \[B, Nk\]"),
+    (dict(kv_valid=torch.ones(1, 10)), r"kv_valid must be bool .*got torch.float32"),
+    (dict(k_bases=0), r"k_bases must be an integer >= 1; got 0"),
+    (dict(k_bases=2.5), r"k_bases must be an integer >= 1; got 2.5"),
+    (dict(k_bases=True), r"k_bases must be an integer >= 1; got True"),
+    (dict(T=0), r"T must be an integer >= 1; got 0"),
+    (dict(T=2.0), r"T must be an integer >= 1; got 2.0"),
+    (dict(delta=0.0), r"delta must be a finite number > 0; got 0.0"),
+    (dict(delta=float("nan")), r"delta must be a finite number > 0; got nan"),
+    (dict(eps=-1e-3), r"eps must be a finite number >= 0; got -0.001"),
+    (dict(placement="search", T=8, eps=0.05), r"delta must exceed 2 T eps = 0.8 with placement 'search'.*got 0.5"),
+    (dict(softcap=0.0), r"softcap must be None or a finite number > 0; got 0.0"),
+    (dict(softcap=-30.0), r"softcap must be None or a finite number > 0; got -30.0"),
+    (dict(placement="random"), r"conv_placement must be one of search, even, geometric; got 'random'"),
+])
+def test_bad_arguments(kwargs, match):
+    q, k, v = _qkv(1, 2, 2, 10, 4, seed=2)
+    with pytest.raises(ValueError, match=match):
+        conv_attention(q, k, v, 0.3, **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = _qkv(1, 2, 2, 10, 4, seed=2)
     with pytest.raises(ValueError, match="Nq == Nk"):
         conv_attention(q[:, :, :5], k, v, 0.3)
-    with pytest.raises(ValueError, match="conv_k must be >= 1"):
-        conv_attention(q, k, v, 0.3, k_bases=0)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         conv_attention(torch.randn(1, 3, 10, 4, dtype=F64), k, v, 0.3)
+    _, state = conv_attention(q[:, :, :9], k[:, :, :9], v[:, :, :9], 0.3, k_bases=3, return_state=True)
+    with pytest.raises(ValueError, match=r"kv_valid must be a bool tensor \[B, Nk\]"):
+        conv_decode(q[:, :, 9:], k, v, 0.3, state, kv_valid=torch.ones(10, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------ recorded error on generic content

@@ -11,11 +11,12 @@ query and the cached basis keys, plus the stored entries for the past rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..masks import check_qkv
+from ..masks import acc_dtype, check_int, check_kv_valid, check_qkv, check_softcap
 from ..sinks import check_sinks
 from .basis import DenseColumns, ScoreColumns, placed_starts, recover, search_starts
 from .fft import conv_fft_apply, direct_rows
@@ -69,6 +70,24 @@ def _basis_keys(k, starts, heads):
     return k.gather(2, idx[..., None].expand(*idx.shape, d))
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_search(placement, T, delta, eps) -> None:
+    """The search's parameters: T >= 1 diagonal entries per probe, noise eps >= 0 per entry, threshold
+    delta > 2 T eps (a column deviates when its L1 change reaches delta - 2 T eps: at <= 0 every column would,
+    and the search would put its bases on consecutive columns). The placement itself is checked by `recover`."""
+    T = check_int("T", T, 1)
+    if not _finite(delta) or delta <= 0:
+        raise ValueError(f"delta must be a finite number > 0; got {delta!r}")
+    if not _finite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
+    if placement == "search" and delta <= 2 * T * eps:
+        raise ValueError(f"delta must exceed 2 T eps = {2 * T * eps:g} with placement 'search' (T = {T} entries of "
+                         f"noise eps = {eps:g} each); got {delta!r}")
+
+
 def conv_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,10 +109,14 @@ def conv_attention(
     Args:
         q: [B, H, N, D]; k, v: [B, Hkv, N, D] (queries and keys are the same positions).
         scale: logits are s q.k.
-        k_bases: number of conv bases k (k >= N is exact attention).
-        placement: "search" (the paper's recovery, parameters T, delta, eps), "even" or "geometric".
-        softcap: logits -> softcap * tanh(logits / softcap), applied to the basis entries (Gemma2).
-        kv_valid: [B, N] bool, False on padded slots (rows at padded slots return 0).
+        k_bases: number of conv bases k, an integer >= 1 (a row with k >= its valid length is exact attention,
+            whatever the placement).
+        placement: "search" (the paper's recovery), "even" or "geometric".
+        T, delta, eps: the search's parameters (placement "search" only): a column starts a new basis when its
+            first T >= 1 diagonal entries deviate from the prediction by >= delta - 2 T eps in L1; eps >= 0 is the
+            entry noise allowed, delta > 2 T eps (checked for "search"; any finite delta > 0 otherwise).
+        softcap: None or > 0: logits -> softcap * tanh(logits / softcap), applied to the basis entries (Gemma2).
+        kv_valid: bool [B, N], False on padded slots (rows at padded slots return 0).
         return_state: also return the `ConvState` for `conv_decode`.
         sinks: [H] attention-sink logits (GPT-OSS's s_aux), one more term exp(sink) in each row's normaliser.
 
@@ -104,8 +127,10 @@ def conv_attention(
     sinks = check_sinks(sinks, q.shape[1])
     if q.shape[2] != k.shape[2]:
         raise ValueError("conv_attention needs Nq == Nk (use conv_decode with a ConvState for later rows)")
-    if k_bases < 1:
-        raise ValueError(f"conv_k must be >= 1, got {k_bases}")
+    kv_valid = check_kv_valid(kv_valid, q, k)
+    softcap = check_softcap(softcap)
+    k_bases = check_int("k_bases", k_bases, 1)
+    _check_search(placement, T, delta, eps)
     b, h, n, _ = q.shape
     perm, lengths = _compaction(kv_valid, b, n, q.device)
     qc, kc, vc = _gather_seq(q, perm), _gather_seq(k, perm), _gather_seq(v, perm)
@@ -137,11 +162,15 @@ def state_matches(state: ConvState | None, k: torch.Tensor, kv_valid: torch.Tens
 def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None, sinks=None):
     """The conv-basis approximation for the last Nq rows, given the prefill's state: O(Nq N D).
 
-    q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache). Returns (out, new state).
+    q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache), kv_valid: bool [B, N] or
+    None. Returns (out [B, H, Nq, D], new state); scores and bases stay in the accumulation dtype.
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
+    kv_valid = check_kv_valid(kv_valid, q, k)
+    softcap = check_softcap(softcap)
     b, h, nq, _ = q.shape
+    dt = acc_dtype(q.dtype)  # the stored bases are in it; casting them to a bf16 query would round every logit
     perm, lengths = _compaction(kv_valid, b, k.shape[2], k.device)
     kc, vc = _gather_seq(k, perm), _gather_seq(v, perm)
     old = state.lengths
@@ -151,11 +180,11 @@ def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None, s
     if cum.shape[-1] < cap:
         cum = torch.nn.functional.pad(cum, (0, cap - cum.shape[-1]))
     starts = state.starts.expand(b, h, -1)
-    keys = state.basis_keys.view(b, h, -1, q.shape[-1]).to(q.dtype)  # [B, H, k, D]
-    new = scale * (q @ keys.transpose(-1, -2))  # [B, H, Nq, k]
+    keys = state.basis_keys.view(b, h, -1, q.shape[-1]).to(dt)  # [B, H, k, D]
+    new = scale * (q.to(dt) @ keys.transpose(-1, -2))  # [B, H, Nq, k]
     rows = old[:, None, None, None] + torch.arange(nq, device=q.device)[None, None, :, None]  # absolute row
     delta = (rows - starts[:, :, None, :]).clamp(0, cap - 1)  # [B, H, Nq, k]
-    cum = cum.to(new.dtype).scatter(-1, delta.transpose(-1, -2), new.transpose(-1, -2))
+    cum = cum.to(dt).scatter(-1, delta.transpose(-1, -2), new.transpose(-1, -2))
     rb, rh, rr = torch.meshgrid(torch.arange(b, device=q.device), torch.arange(h, device=q.device),
                                 torch.arange(nq, device=q.device), indexing="ij")
     ri = old[rb] + rr

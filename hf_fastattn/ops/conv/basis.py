@@ -20,15 +20,20 @@ import math
 
 import torch
 
+from ...config import CONV_PLACEMENTS as PLACEMENTS
+from ..masks import acc_dtype
+
 
 class ScoreColumns:
     """Column oracle of the causal score matrix H = s Q K^T of every query head.
 
-    q: [B, H, N, D], k: [B, Hkv, N, D]; lengths [B]: valid prefix of every row (right padding).
+    q: [B, H, N, D], k: [B, Hkv, N, D]; lengths [B]: valid prefix of every row (right padding). Scores come out
+    in the accumulation dtype: a bf16 logit of size 10 would already be off by 0.03 before the exp.
     """
 
     def __init__(self, q, k, scale, lengths):
-        self.q, self.k, self.scale, self.lengths = q, k, scale, lengths
+        dt = acc_dtype(q.dtype)
+        self.q, self.k, self.scale, self.lengths = q.to(dt), k.to(dt), scale, lengths
         self.b, self.h, self.n, self.d = q.shape
         self.groups = self.h // k.shape[1]
 
@@ -86,8 +91,9 @@ def placed_starts(lengths: torch.Tensor, k: int, placement: str) -> torch.Tensor
         starts = length - torch.round(length ** (1 - frac))
         starts[:, 0] = 0
     else:
-        raise ValueError(f"conv_placement must be 'search', 'even' or 'geometric'; got {placement!r}")
-    return torch.minimum(starts, (length - 1).clamp_min(0)).long()[:, None, :]
+        raise ValueError(f"conv_placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
+    # clamp_min: an empty row (L = 0) would get L - round(0 ** 0) = -1 from "geometric"
+    return torch.minimum(starts, (length - 1).clamp_min(0)).clamp_min(0).long()[:, None, :]
 
 
 @torch.no_grad()
@@ -121,11 +127,23 @@ def search_starts(oracle, k: int, T: int, delta: float, eps: float) -> torch.Ten
 
 
 def recover(oracle, k: int, placement: str = "even", T: int = 8, delta: float = 0.5, eps: float = 1e-3):
-    """(starts [B, Hs, k], cum [B, H, k, N]) for any oracle with `probe`, `columns` and `lengths`."""
+    """(starts [B, Hs, k], cum [B, H, k, N]) for any oracle with `probe`, `columns` and `lengths`.
+
+    A row with k >= its length L gets every column as a basis (s_u = min(u, L - 1)) whatever the placement, so
+    that it is exact attention: "geometric" spacing and the search's tolerance would skip columns."""
     if k < 1:
         raise ValueError(f"conv_k must be >= 1, got {k}")
-    if placement == "search":
-        starts = search_starts(oracle, k, T, delta, eps)
+    if placement not in PLACEMENTS:  # checked here too: a fully covered batch never reaches placed_starts
+        raise ValueError(f"conv_placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
+    lengths = oracle.lengths
+    every = torch.minimum(torch.arange(k, device=lengths.device), (lengths[:, None] - 1).clamp_min(0))[:, None, :]
+    covered = (lengths <= k)[:, None, None]  # [B, 1, 1]
+    if bool(covered.all()):
+        starts = every
     else:
-        starts = placed_starts(oracle.lengths, k, placement)
+        if placement == "search":
+            starts = search_starts(oracle, k, T, delta, eps)
+        else:
+            starts = placed_starts(lengths, k, placement)
+        starts = torch.where(covered, every, starts)
     return starts, oracle.columns(starts)

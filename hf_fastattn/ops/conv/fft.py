@@ -10,7 +10,7 @@ largest basis entry), so no exponential overflows.
 An FFT convolution's error is absolute — about eps log2(L) |a|_2 |b|_2 — while the exp domain spans e^{+-400}
 on trained models: a row whose weights are all tiny next to the head's largest is pure noise, and its
 denominator can come out 0 or negative. Every row's denominator is compared with that error bound; rows
-below 100x the bound are recomputed directly (gathering their approximate scores, own max shift,
+below RELIABLE[dtype] bounds are recomputed directly (gathering their approximate scores, own max shift,
 softmax): the same function, exact arithmetic, O(N D) per row. So no non-positive denominator ever divides.
 """
 
@@ -23,7 +23,14 @@ import torch
 from ..masks import acc_dtype
 from ..stats import count
 
-RELIABLE = 100.0  # a denominator must exceed this many FFT error bounds (measured: output error <= 4e-5 |v|)
+# A denominator must exceed RELIABLE[dtype] FFT error bounds, else its row is computed directly. The bound scales
+# with eps and the output error of the rows left to the FFT is measured at ~2.5e-3 / RELIABLE |v|_max in either
+# dtype, so the threshold is set by the accuracy each dtype is for: float32 100 -> <= 2.5e-5; float64 1e10 ->
+# <= 3e-13. float64 runs are references and gradcheck: its central difference divides the output error by its
+# 2e-6 step and must stay under atol 1e-5, so 1e8 (<= 2.5e-11) still failed there, and 100 left rows at 1e-5.
+# In logits: a row whose weights all sit more than ~ln(1 / (RELIABLE eps)) below the head's largest entry goes
+# direct, ~11 in float32 and ~13 in float64.
+RELIABLE = {torch.float32: 100.0, torch.float64: 1e10}
 _FFT_BUDGET = 1 << 27  # complex elements held per group of bases (~1 GiB in complex64)
 _SAVE_BUDGET = 1 << 29  # spectra (complex elements, 4 GiB in complex64) kept for the backward instead of recomputed
 
@@ -181,7 +188,7 @@ def conv_fft_apply(cum, starts, v, lengths, sinks=None):
     eps = torch.finfo(dt).eps
     bound = 4 * eps * math.log2(size) * (e.detach().norm(dim=-1) * seglen.sqrt()).sum(-1)  # [B, H]
     rows_valid = j[None, None, :] < lengths[:, None, None]
-    unreliable = rows_valid & (den.detach() < RELIABLE * bound[..., None])
+    unreliable = rows_valid & (den.detach() < RELIABLE[dt] * bound[..., None])
     out = nd[..., :-1] / torch.where(unreliable | ~rows_valid, torch.ones_like(den), den)[..., None]
     out = torch.where(rows_valid[..., None], out, torch.zeros_like(out))
     count = int(unreliable.sum())
