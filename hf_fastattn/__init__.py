@@ -41,12 +41,13 @@ def configure(model, options: dict | FastAttnConfig | None = None, *, replace: b
     """Set fastattn options on `model` and switch it to the `fastattn` attention implementation.
 
     `configure(model, method="poly", degree=2, local_window=64)` updates the options already stored on the
-    model (`replace=True` starts from the defaults). The result is stored as a JSON dict in
+    model (`replace=True` starts from the defaults); a `FastAttnConfig` given as `options` is taken whole, as
+    the new options (keyword arguments go on top of it). The result is stored as a JSON dict in
     `model.config.fastattn_config`, so it is saved with `save_pretrained`.
     """
     base = FastAttnConfig() if replace else get_config(model.config)
-    if isinstance(options, FastAttnConfig):
-        options = options.to_dict()
+    if isinstance(options, FastAttnConfig):  # a whole config: its default-valued fields count too
+        base, options = options, None
     cfg = base.replace(**{**(options or {}), **kwargs})
     stored = cfg.to_dict()
     for c in _configs(model):

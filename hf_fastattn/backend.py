@@ -7,6 +7,8 @@ returns None (plain causal), a 2D [B, L] bool validity mask over the first L key
 block ids where attention stays inside blocks (Llama 4's chunks, packed sequences). L < Nk means the
 slots from L on are empty static-cache slots (the convention of transformers' FlashAttention path): they
 are sliced away and the queries are the last Nq of the L filled slots.
+A sliding window in transformers' mask travels with the mask tensor (`_WINDOW_ATTR`): some models (Qwen2-MoE,
+PhiMoE) put the window only in the mask and do not pass `sliding_window=` to the attention call.
 Blocks (from the mask, `cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
 of right-aligned rows so that no method lets state or attention cross a block boundary.
 
@@ -194,6 +196,51 @@ def _mask_leaves(fn, seen=None):
     return [leaf for item in inner for leaf in _mask_leaves(item, seen)]
 
 
+def _mask_window(parts) -> int | None:
+    """The window of the mask's sliding_window_overlay (its closure's `sliding_window`), or None."""
+    windows = set()
+    for leaf in parts.get("sliding_window_overlay", ()):
+        for name, cell in zip(leaf.__code__.co_freevars, leaf.__closure__ or ()):
+            if name == "sliding_window":
+                windows.add(int(cell.cell_contents))
+    if len(windows) > 1:
+        raise ValueError(f"fastattn: this model's mask has several sliding windows {sorted(windows)}; the compact mask "
+                         "carries one. Load it with attn_implementation='eager' or 'sdpa'.")
+    if parts.get("sliding_window_overlay") and not windows:
+        raise ValueError("fastattn: cannot read the window of this transformers version's sliding_window_overlay")
+    return windows.pop() if windows else None
+
+
+# Attributes set on the compact mask tensors `fastattn_mask` returns: they are compact (generate() builds a static
+# cache's masks ahead and the model's forward hands that tensor back as if it were a 2D padding mask), the window
+# of the mask they were built from, and whether an all-True tensor stands for None (a window needs a tensor).
+_COMPACT_ATTR, _WINDOW_ATTR, _FULL_ATTR = "_fastattn_compact", "_fastattn_window", "_fastattn_full"
+
+
+def _compact(mask, window, batch: int, filled: int, device):
+    full = mask is None
+    if full:
+        if window is None:
+            return None
+        mask = torch.ones(batch, filled, dtype=torch.bool, device=device)
+    mask = mask.contiguous()  # generate() makes it contiguous: a copy would drop the attributes
+    setattr(mask, _COMPACT_ATTR, True)
+    setattr(mask, _WINDOW_ATTR, window)
+    setattr(mask, _FULL_ATTR, full)
+    return mask
+
+
+def _call_window(sliding_window, attention_mask, layer_idx) -> int | None:
+    """The layer's window: the attention call's `sliding_window`, else the one its mask was built with."""
+    window = getattr(attention_mask, _WINDOW_ATTR, None)
+    if sliding_window is None:
+        return window
+    if window is not None and window != sliding_window:
+        raise ValueError(f"fastattn (layer {layer_idx}): the attention call passes sliding_window={sliding_window} "
+                         f"but its mask was built with a window of {window}; refusing to pick one")
+    return sliding_window
+
+
 def mask_parts(mask_function) -> dict[str, list[Callable]]:
     """The parts of `mask_function` (transformers' composed mask): factory name -> its index functions. Raises if
     one of them is a part the compact mask cannot express."""
@@ -253,19 +300,26 @@ def fastattn_mask(
 ) -> torch.Tensor | None:
     """Compact mask: None (no padding, queries are the last key slots), a [B, L] bool validity mask, or, when
     transformers' mask has chunks or packed sequences and a row's tokens span more than one of them, [B, L]
-    int64 block ids (padded slots as ~id).
+    int64 block ids (padded slots as ~id). A returned tensor is marked compact and carries the mask's sliding
+    window (an all-True one stands for None when there is a window); a compact mask passed back in is returned.
 
     `attention_mask` is the user's 2D mask over absolute positions; key slot j holds position
     `kv_offset + j`. L = q_offset - kv_offset + q_length is the number of filled slots (< kv_length only
     for a static cache, whose tail slots are empty).
     """
     parts = mask_parts(kwargs.get("mask_function"))
+    window = _mask_window(parts)
     filled = int(q_offset) - int(kv_offset) + q_length  # a StaticLayer gives q_offset as a 0-dim tensor
     if not 0 < filled <= kv_length:
         raise ValueError(
             f"fastattn mask: inconsistent sizes (q_length={q_length}, kv_length={kv_length}, "
             f"q_offset={int(q_offset)}, kv_offset={kv_offset})"
         )
+    if getattr(attention_mask, _COMPACT_ATTR, False):  # built ahead by generate() for this very call
+        if attention_mask.shape != (batch_size, filled) or getattr(attention_mask, _WINDOW_ATTR) != window:
+            raise ValueError(f"fastattn mask: a compact mask of shape {tuple(attention_mask.shape)} was passed where "
+                             f"[{batch_size}, {filled}] (window {window}) is needed")
+        return attention_mask
     valid = None
     if attention_mask is not None:
         valid = attention_mask[:, kv_offset : kv_offset + filled].to(device=device, dtype=torch.bool)
@@ -280,12 +334,12 @@ def fastattn_mask(
         first = ids.masked_fill(~real, filled).amin(-1)
         last = ids.masked_fill(~real, -1).amax(-1)
         if bool((first < last).any()):  # some row's real tokens span two blocks (else: plain causal attention)
-            return torch.where(real, ids, ~ids)
+            return _compact(torch.where(real, ids, ~ids), window, batch_size, filled, device)
     if valid is None:
-        return None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
-    if filled == kv_length and bool(valid.all()):
-        return None
-    return valid
+        valid = None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+    elif filled == kv_length and bool(valid.all()):
+        valid = None
+    return _compact(valid, window, batch_size, filled, device)
 
 
 # ------------------------------------------------------------------------------------ blocks and packing
@@ -451,11 +505,14 @@ def fastattn_attention_forward(
         if filled > key.shape[2]:
             raise ValueError(f"fastattn: mask covers {filled} key slots but only {key.shape[2]} keys were given")
         key, value = key[:, :, :filled], value[:, :, :filled]  # empty static-cache slots
-        if attention_mask.dtype == torch.bool:
-            valid = attention_mask
+        if getattr(attention_mask, _FULL_ATTR, False):
+            pass  # no padding: the tensor only carries the window
+        elif attention_mask.dtype == torch.bool:
+            valid = attention_mask.to(query.device)  # a model split over devices builds its mask on the first
         else:  # block ids (chunks, packed sequences), ~id on padded slots
-            valid = attention_mask >= 0
-            blocks = torch.where(valid, attention_mask, ~attention_mask)
+            ids = attention_mask.to(query.device)
+            valid = ids >= 0
+            blocks = torch.where(valid, ids, ~ids)
             valid = None if bool(valid.all()) else valid
 
     layer_idx = getattr(module, "layer_idx", None)
@@ -464,6 +521,7 @@ def fastattn_attention_forward(
         raise ValueError(f"fastattn_config['method']={cfg.method!r} is not available; registered: {sorted(_METHODS)}")
     run = _METHODS[cfg.method]
     sinks = check_sinks(kwargs.get("s_aux"), query.shape[1])  # GPT-OSS: one logit per query head (ops/sinks.py)
+    sliding_window = _call_window(sliding_window, attention_mask, layer_idx)
     opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, sinks=sinks, cfg=cfg,
                 layer_idx=layer_idx, module=module)
 

@@ -110,8 +110,9 @@ class FastAttnConfig:
             )
         if not isinstance(self.layers, dict):
             raise ValueError(f"fastattn_config['layers'] must be a dict {{layer_idx: {{option: value}}}}, got {self.layers!r}")
+        # keys normalised (layers: int, plan layers: str, as in JSON): 0 and "0" name the same layer
+        object.__setattr__(self, "layers", _by_layer(self.layers, int, "layers"))
         for idx, override in self.layers.items():
-            _layer_key(idx)
             if not isinstance(override, dict):
                 raise ValueError(f"fastattn_config['layers'][{idx!r}] must be a dict of options, got {override!r}")
             bad = [k for k in override if k in _GLOBAL_ONLY]
@@ -119,6 +120,8 @@ class FastAttnConfig:
                 raise ValueError(f"fastattn_config['layers'][{idx!r}] may not set {bad}: they are global options")
             dataclasses.replace(self, layers={}, plan={}, **_checked_keys(override, f"layers[{idx!r}]"))
         _check_plan(self.plan)
+        if self.plan:
+            object.__setattr__(self, "plan", {**self.plan, "layers": _by_layer(self.plan["layers"], str, "plan.layers")})
 
     # ---------------------------------------------------------------- construction / serialisation
     @classmethod
@@ -159,7 +162,7 @@ class FastAttnConfig:
         """The options that apply to one layer (global options with that layer's overrides)."""
         if layer_idx is None or not self.layers:
             return self
-        override = self.layers.get(layer_idx, self.layers.get(str(layer_idx)))
+        override = self.layers.get(layer_idx)
         if not override:
             return self
         return dataclasses.replace(self, layers={}, **override)
@@ -190,6 +193,17 @@ def _check_plan(plan) -> None:
                 f"fastattn_config['plan']['layers'][{idx!r}] names unknown settings {unknown}; "
                 f"defined settings are {sorted(settings)}"
             )
+
+
+def _by_layer(items: dict, kind, where: str) -> dict:
+    """`items` with its layer-index keys as `kind` (int or str); two keys for one layer are refused."""
+    out = {}
+    for idx, value in items.items():
+        key = kind(_layer_key(idx))
+        if key in out:
+            raise ValueError(f"fastattn_config[{where!r}] names layer {key} twice (as {idx!r} and another key)")
+        out[key] = value
+    return out
 
 
 def _layer_key(idx) -> int:

@@ -5,8 +5,9 @@ every layer's (rotated) q, k, v. For each head it reports the logit range max |s
 norms |Q|_inf, |K|_inf against the papers' o(sqrt(log n)) condition, the entropy of the exact attention,
 the guard's predicted poly error, and the *measured* relative output error ||O_m - O|| / ||O|| of every
 candidate setting (poly degree/band, conv k) against exact attention on the same inputs. A depth sweep
-then measures the end-to-end effect — loss and gradient error of the whole model when the first L layers
-use a setting — the multi-layer-gradient paper's "error stays bounded across layers", measured.
+then measures the end-to-end effect — loss and gradient error of the whole model, pooled over the batches,
+when the first L layers use a setting — the multi-layer-gradient paper's "error stays bounded across
+layers", measured. Every statistic is taken over real tokens (padded slots left out).
 
 `plan(report, budget)` picks per (layer, head) the cheapest setting whose measured error is within the
 budget; `configure(model, plan=...)` stores it in `fastattn_config` and the backend runs it (heads grouped
@@ -53,12 +54,13 @@ class HeadStats:
     layer: int
     head: int
     sliding: bool
-    logit_max: float  # max |s q.k| over visible pairs
-    q_inf: float  # sqrt(s) max |q| (so that s q.k = (sqrt(s) q).(sqrt(s) k))
-    k_inf: float
-    entropy: float  # mean over rows of the exact attention entropy (nats)
-    rms_logit: float  # the guard's sigma
-    predicted: dict = field(default_factory=dict)  # setting -> guard-predicted error (poly)
+    logit_max: float  # max |s q.k| over visible pairs (real query rows, real keys)
+    q_inf: float  # sqrt(s) max |q| over real rows (so that s q.k = (sqrt(s) q).(sqrt(s) k))
+    k_inf: float  # sqrt(s) max |k| over real keys
+    entropy: float  # mean over real rows of the exact attention entropy (nats)
+    # the guard's sigma (on real tokens): a sequence's rms logit s sqrt(tr(M_q M_k)), max over the sequences
+    rms_logit: float
+    predicted: dict = field(default_factory=dict)  # setting -> guard-predicted error (poly) at rms_logit
     errors: dict = field(default_factory=dict)  # setting -> measured relative output error
     feasible: dict = field(default_factory=dict)  # setting -> runnable in linear time (feature cap)
 
@@ -232,48 +234,53 @@ def _rows_mask(kv_valid, b, n, device):
 @torch.no_grad()
 def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[list[HeadStats], dict]:
     """Per-head statistics of one layer's captured inputs, plus the sums for pooling over batches: squared
-    errors and reference norms, the entropy summed over real rows and the number of real rows."""
+    errors and reference norms, the entropy summed over real rows and the number of real rows.
+
+    Every statistic is taken over real tokens only: the ranges over real query rows and visible real keys, the
+    entry norms over real rows / keys, the rms logit, entropy and errors over real rows (what a padded slot holds
+    changes nothing)."""
     b, h, n, d = q.shape
     q, k, v = q.float(), k.float(), v.float()
     groups = h // k.shape[1]
     s = opts["scale"]
     sliding = opts["window"] is not None
     ref = naive_attention(q, k, v, s, True, opts["window"], opts["softcap"], kv_valid, _sinks(opts))
-    rows = _rows_mask(kv_valid, b, n, q.device)
+    rows = _rows_mask(kv_valid, b, n, q.device)  # [B, 1, N, 1]: real query rows
     kr = k.repeat_interleave(groups, 1)
     logits = s * q @ kr.transpose(-1, -2)
-    vis = dense_mask(n, n, True, opts["window"], kv_valid, q.device)
-    logit_max = logits.abs().masked_fill(~vis, 0).amax((0, 2, 3))
+    vis = dense_mask(n, n, True, opts["window"], kv_valid, q.device)  # hides padded keys
+    logit_max = logits.abs().masked_fill(~(vis & rows), 0).amax((0, 2, 3))  # real rows, visible real keys
     p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
     ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, N]
-    ent_sum = (ent * rows[..., 0]).sum((0, 2))  # [H], over real rows
+    ent_sum = ent.masked_fill(~rows[..., 0], 0.0).sum((0, 2))  # [H], over real rows
     real_rows = int(rows.sum())
     ent = ent_sum / max(real_rows, 1)
-    q_inf = math.sqrt(s) * q.abs().amax((0, 2, 3))
-    k_inf = (math.sqrt(s) * kr.abs().amax((0, 2, 3)))
-    coeffs2 = poly_coefficients(2)
-    guard = guard_stats(q, k, s, coeffs2, kv_valid)
+    q_inf = math.sqrt(s) * q.abs().masked_fill(~rows, 0).amax((0, 2, 3))
+    keys = torch.ones(b, 1, n, 1, dtype=torch.bool, device=q.device) if kv_valid is None else \
+        kv_valid[:, None, :, None].bool()  # real keys
+    k_inf = math.sqrt(s) * kr.abs().masked_fill(~keys, 0).amax((0, 2, 3))
+    sigma = guard_stats(q, k, s, poly_coefficients(2), kv_valid).sigma  # over real tokens
     sums = {}
-    ref_sq = ((ref * rows) ** 2).sum((0, 2, 3))
+    ref_sq = (ref.masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
     for name, options in settings.items():
         if sliding:  # every method runs sliding layers exactly
             err_sq = torch.zeros(h)
         else:
             out = _setting_output(q, k, v, kv_valid, opts, options).float()
-            err_sq = (((out - ref) * rows) ** 2).sum((0, 2, 3))
+            err_sq = ((out - ref).masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
         sums[name] = err_sq
     stats = []
     for head in range(h):
         st = HeadStats(layer=layer, head=head, sliding=sliding, logit_max=float(logit_max[head]),
                        q_inf=float(q_inf[head]), k_inf=float(k_inf[head]), entropy=float(ent[head]),
-                       rms_logit=float(guard.sigma[head]))
+                       rms_logit=sigma[head])
         for name, options in settings.items():
             cfg = FastAttnConfig(**options)
             if cfg.method == "poly":
                 coeffs = poly_coefficients(cfg.degree, cfg.poly_coeffs, cfg.fit_range)
                 from .ops.poly.guard import predicted_error
 
-                st.predicted[name] = predicted_error(coeffs, guard.sigma[head])
+                st.predicted[name] = predicted_error(coeffs, sigma[head])
                 st.feasible[name] = FeatureMap.get(d, cfg.degree).r <= cfg.feature_cap
             else:
                 st.feasible[name] = True
@@ -290,28 +297,52 @@ def _lm_loss(model, batch):
     return model(**batch, labels=labels, use_cache=False).loss
 
 
+def _scored_tokens(batch) -> int:
+    """The number of tokens `_lm_loss` averages over (labels shifted by one, padding left out)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        ids = batch["input_ids"]
+        return ids.shape[0] * (ids.shape[1] - 1)
+    return int((mask[:, 1:] != 0).sum())
+
+
 def _grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return torch.cat(grads) if grads else torch.zeros(0)
 
 
-def depth_sweep(model, batch, settings: dict, progress=None) -> dict:
-    """Loss and gradient error of the whole model when layers 0..L-1 use a setting (L = 1..num_layers)."""
+def depth_sweep(model, batches, settings: dict, progress=None) -> dict:
+    """Loss and gradient error of the whole model when layers 0..L-1 use a setting (L = 1..num_layers).
+
+    `batches` (a dict of model inputs or a list of them, on the model's device) are pooled as one: the loss is
+    the mean over all their scored tokens and the gradient that of this loss (each batch's weighted by its
+    share of the tokens), as if they were concatenated. Costs (1 + len(settings) * num_layers) forward and
+    backward passes per batch."""
+    if isinstance(batches, dict):
+        batches = [batches]
     num_layers = model.config.get_text_config().num_hidden_layers
-    model.zero_grad(set_to_none=True)
-    _with_options(model, {"method": "exact"})
-    loss_ref = _lm_loss(model, batch)
-    loss_ref.backward()
-    g_ref = _grads(model)
+    weights = [_scored_tokens(b) for b in batches]
+    total = max(sum(weights), 1)
+
+    def run(options):
+        model.zero_grad(set_to_none=True)
+        _with_options(model, options)
+        loss = 0.0
+        for batch, w in zip(batches, weights):
+            if w == 0:
+                continue
+            part = _lm_loss(model, batch) * (w / total)
+            part.backward()  # gradients accumulate: that of the pooled loss
+            loss += part.item()
+        return loss, _grads(model)
+
+    loss_ref, g_ref = run({"method": "exact"})
     out = {}
     for name, options in settings.items():
         rows = []
         for depth in range(1, num_layers + 1):
-            model.zero_grad(set_to_none=True)
-            _with_options(model, {"method": "exact", "guard": "off", "layers": {i: options for i in range(depth)}})
-            loss = _lm_loss(model, batch)
-            loss.backward()
-            g = _grads(model)
-            rows.append({"layers": depth, "loss": loss.item(), "loss_delta": (loss - loss_ref).item(),
+            loss, g = run({"method": "exact", "guard": "off", "layers": {i: options for i in range(depth)}})
+            rows.append({"layers": depth, "loss": loss, "loss_delta": loss - loss_ref,
                          "grad_rel_err": float((g - g_ref).norm() / g_ref.norm())})
             if progress is not None:
                 progress.update(1)
@@ -321,7 +352,7 @@ def depth_sweep(model, batch, settings: dict, progress=None) -> dict:
 
 
 def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[str] | None = None,
-             max_batches: int | None = None, progress: bool = True) -> Report:
+             max_batches: int | None = None, depth_batches: int | None = None, progress: bool = True) -> Report:
     """Per layer and head statistics and errors of every setting, plus the end-to-end depth sweep.
 
     Args:
@@ -331,6 +362,8 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
         depth_settings: settings for the depth sweep (default: the poly settings with band 64 and conv-k16
             when present; [] to skip it).
         max_batches: stop after this many batches.
+        depth_batches: the depth sweep pools the first this many of those batches, token-weighted (default: all
+            of them; it costs 1 + len(depth_settings) * num_layers forward and backward passes per batch).
     """
     from tqdm.auto import tqdm
 
@@ -342,7 +375,7 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
     capture = _Capture()
     backend._HOOKS.append(capture)
     device = _model_device(model)
-    pooled, per_layer, tokens, width, first_batch, head_dim = {}, {}, 0, 0, None, 0
+    pooled, per_layer, tokens, width, depth_data, head_dim = {}, {}, 0, 0, [], 0
     try:
         batches = list(_batches(data, max_batches))
         num_layers = model.config.get_text_config().num_hidden_layers
@@ -352,8 +385,8 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
         model.eval()
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if first_batch is None:
-                first_batch = batch
+            if depth_batches is None or len(depth_data) < depth_batches:
+                depth_data.append(batch)
             capture.layers.clear()
             with torch.no_grad():
                 model(**batch, use_cache=False)
@@ -371,6 +404,9 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
                     for old, new in zip(per_layer[layer], stats):
                         old.logit_max = max(old.logit_max, new.logit_max)
                         old.q_inf, old.k_inf = max(old.q_inf, new.q_inf), max(old.k_inf, new.k_inf)
+                        # rms_logit is not an rms over all rows: it is the guard's per-sequence rms logit, already
+                        # the max over a batch's sequences, and predicted is the guard's per-sequence error bound
+                        # at it; both are worst cases, so pooling over batches is the max (= one batch of all rows)
                         old.rms_logit = max(old.rms_logit, new.rms_logit)
                         old.predicted = {s: max(old.predicted[s], new.predicted[s]) for s in old.predicted}
                     pooled[layer]["ref_sq"] += sums["ref_sq"]
@@ -389,9 +425,9 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
                 heads.append(st)
         backend._HOOKS.remove(capture)
         depth = {}
-        if depth_settings and first_batch is not None:
+        if depth_settings and depth_data:
             with torch.enable_grad():
-                depth = depth_sweep(model, first_batch, {s: settings[s] for s in depth_settings}, bar)
+                depth = depth_sweep(model, depth_data, {s: settings[s] for s in depth_settings}, bar)
         model.train(was_training)
         bar.close()
     finally:
@@ -399,6 +435,7 @@ def diagnose(model, data, settings: dict | None = None, *, depth_settings: list[
             backend._HOOKS.remove(capture)
         _restore(model, before, impl)
     meta = {"settings": settings, "tokens_per_row": tokens, "padded_width": width, "batches": len(batches),
+            "depth_batches": len(depth_data) if depth else 0,
             "head_dim": head_dim,
             "model_type": model.config.model_type, "num_layers": num_layers}
     return Report(heads, depth, meta)
@@ -470,7 +507,8 @@ def plan_summary(p: dict) -> str:
 @torch.no_grad()
 def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
     """Realised error of a plan on (held-out) data: per-head output errors of the planned setting, and
-    end-to-end logit / loss deltas of the planned model vs exact."""
+    end-to-end logit / loss deltas of the planned model vs exact. Everything is pooled over the batches as if
+    they were one: errors as ratios of summed squares, losses as means over all scored tokens."""
     from . import configure
 
     impl = model.config._attn_implementation
@@ -479,7 +517,7 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
     capture = _Capture()
     backend._HOOKS.append(capture)
     device = _model_device(model)
-    ref_sq, err_sq, loss_ref, loss_plan, logit_num, logit_den = {}, {}, 0.0, 0.0, 0.0, 0.0
+    ref_sq, err_sq, loss_ref, loss_plan, logit_num, logit_den, scored = {}, {}, 0.0, 0.0, 0.0, 0.0, 0
     try:
         batches = list(_batches(data, max_batches))
         for batch in batches:
@@ -487,7 +525,10 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
             capture.layers.clear()
             _with_options(model, {"method": "exact"})
             logits_ref = model(**batch, use_cache=False).logits
-            loss_ref += float(_lm_loss(model, batch))
+            w = _scored_tokens(batch)  # losses are token means: weight each batch's by its scored tokens
+            scored += w
+            if w:
+                loss_ref += w * float(_lm_loss(model, batch))
             for layer, (q, k, v, kv_valid, opts) in capture.layers.items():
                 heads = p["layers"].get(str(layer))
                 if heads is None or opts["window"] is not None:
@@ -500,12 +541,13 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
                     out_s = _setting_output(q.float(), k.float(), v.float(), kv_valid, opts, planned[name])
                     sel = torch.tensor([h == name for h in heads], device=q.device)[None, :, None, None]
                     out = torch.where(sel, out_s.float(), out)
-                ref_sq[layer] = ref_sq.get(layer, 0) + ((ref * rows) ** 2).sum((0, 2, 3))
-                err_sq[layer] = err_sq.get(layer, 0) + (((out - ref) * rows) ** 2).sum((0, 2, 3))
+                ref_sq[layer] = ref_sq.get(layer, 0) + (ref.masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
+                err_sq[layer] = err_sq.get(layer, 0) + ((out - ref).masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
             capture.layers.clear()
             configure(model, replace=True, guard="off", plan=p)
             logits = model(**batch, use_cache=False).logits
-            loss_plan += float(_lm_loss(model, batch))
+            if w:
+                loss_plan += w * float(_lm_loss(model, batch))
             logit_num += float((logits - logits_ref).float().norm() ** 2)
             logit_den += float(logits_ref.float().norm() ** 2)
     finally:
@@ -513,8 +555,8 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
         _restore(model, before, impl)
     per_head = {f"{layer}.{h}": float((err_sq[layer][h] / ref_sq[layer][h].clamp_min(1e-30)).sqrt())
                 for layer in err_sq for h in range(len(err_sq[layer]))}
-    nb = max(1, len(batches))
-    return {"per_head": per_head, "loss_exact": loss_ref / nb, "loss_plan": loss_plan / nb,
+    nt = max(1, scored)
+    return {"per_head": per_head, "loss_exact": loss_ref / nt, "loss_plan": loss_plan / nt,
             "logit_rel_err": math.sqrt(logit_num / max(logit_den, 1e-30))}
 
 

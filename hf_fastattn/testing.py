@@ -12,7 +12,7 @@ import copy
 import torch
 
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3", "gpt_oss", "llama4", "deepseek_v3",
-            "phi3", "olmo2", "granite", "cohere2", "smollm3")
+            "phi3", "olmo2", "granite", "cohere2", "smollm3", "qwen2_moe", "phimoe")
 WINDOW = 8
 
 
@@ -75,6 +75,13 @@ def tiny_config(family: str, **overrides):
         cfg = tf.Cohere2Config(**common, sliding_window=WINDOW, layer_types=sliding_pair, logit_scale=1.0)
     elif family == "smollm3":  # a NoPE layer
         cfg = tf.SmolLM3Config(**common, no_rope_layers=[1, 0], sliding_window=None)
+    elif family == "qwen2_moe":  # the window is in the mask only: the attention call gets no sliding_window=
+        cfg = tf.Qwen2MoeConfig(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=sliding_pair,
+                                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=32)
+    elif family == "phimoe":  # a window on every layer, in the mask only
+        cfg = tf.PhimoeConfig(**common, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                              router_jitter_noise=0.0)  # jitter is training-only noise: a checkpointed twin differs
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     for key, value in overrides.items():

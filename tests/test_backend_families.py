@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache
 
 import hf_fastattn
+from hf_fastattn import backend
 from hf_fastattn.loading import enable_checkpointing
 from hf_fastattn.testing import FAMILIES, WINDOW, cached_forward, model_pair, tiny_config
 
@@ -148,7 +149,10 @@ def test_generate_dynamic_cache_left_padding(pair):
     assert torch.equal(ref.generate(x, **kw), new.generate(x, **kw))
 
 
-def test_generate_static_cache(pair):
+@pytest.mark.parametrize("prompt", [WINDOW + 3, WINDOW - 2])
+def test_generate_static_cache(pair, prompt):
+    """generate() builds a static cache's masks ahead and the model hands that compact mask back to the mask
+    function as a 2D mask; with a prompt shorter than the window the padding stays inside sliding layers' windows."""
     ref, new = pair
     import transformers.masking_utils as mu
 
@@ -156,7 +160,7 @@ def test_generate_static_cache(pair):
             and "block_sequence_ids" not in inspect.signature(mu.create_chunked_causal_mask).parameters):
         pytest.skip("this transformers' generate passes block_sequence_ids to create_chunked_causal_mask, which does "
                     "not take it: a static cache fails for Llama 4 under every backend (eager too)")
-    x = _tokens(2, WINDOW + 3, 6)
+    x = _tokens(2, prompt, 6)
     mask = torch.ones_like(x)
     mask[0, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
@@ -272,6 +276,26 @@ def test_configure_switches_implementation():
     assert (model(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item() < ATOL
 
 
+def test_layer_keys_int_or_str_are_one_layer():
+    """A plan or override keyed by int (as a Python user writes it) is the one keyed by str (as JSON stores it):
+    an int-keyed plan used to be accepted and then never found."""
+    plan = {"settings": {"b": {"method": "band", "local_window": 2}, "e": {"method": "exact"}}, "layers": {0: ["b", "e"]}}
+    as_int = hf_fastattn.FastAttnConfig(plan=plan, layers={1: {"exact_block": 8}})
+    as_str = hf_fastattn.FastAttnConfig(plan={**plan, "layers": {"0": ["b", "e"]}}, layers={"1": {"exact_block": 8}})
+    assert as_int == as_str and as_int.head_plan(0) == ["b", "e"] and as_int.for_layer(1).exact_block == 8
+    assert hf_fastattn.FastAttnConfig.from_dict(as_int.to_dict()) == as_int
+
+
+def test_configure_takes_a_config_object_whole():
+    """configure(model, FastAttnConfig(...)) sets exactly that config: its default-valued fields replace what the
+    model had (they used to be dropped, keeping the old method)."""
+    _, model = model_pair(tiny_config("llama"))
+    hf_fastattn.configure(model, method="band", local_window=3, exact_block=8)
+    got = hf_fastattn.configure(model, hf_fastattn.FastAttnConfig(exact_block=16))
+    assert got == hf_fastattn.FastAttnConfig(exact_block=16) == hf_fastattn.get_config(model.config)
+    assert hf_fastattn.configure(model, hf_fastattn.FastAttnConfig(), guard="off").guard == "off"
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -298,6 +322,8 @@ def test_configure_switches_implementation():
         ({"layers": {0: {"method": "nope"}}}, "fastattn_config['method'] must be one of"),
         ({"layers": {0: {"plan": {}}}}, "may not set ['plan']"),
         ({"layers": {0: {"bogus": 1}}}, "fastattn_config[layers[0]]: unknown option 'bogus'"),
+        ({"layers": {0: {}, "0": {}}}, "fastattn_config['layers'] names layer 0 twice"),
+        ({"plan": {"settings": {"e": {}}, "layers": {1: ["e"], "1": ["e"]}}}, "['plan.layers'] names layer 1 twice"),
     ],
 )
 def test_bad_options(options, message):
@@ -329,3 +355,20 @@ def test_custom_4d_mask_raises():
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="Custom 4D masks are not supported"):
         model(input_ids=_tokens(1, 5, 0), attention_mask=mask)
+
+
+def test_mask_window_and_call_window_must_agree():
+    """The window read off transformers' mask and the one the attention call passes name one window: a model
+    whose two disagree is refused rather than run with either."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    mask = backend.fastattn_mask(1, 6, 6, mask_function=mu.sliding_window_causal_mask_function(4))
+    _, model = model_pair(tiny_config("mistral"))
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    out, _ = backend.fastattn_attention_forward(attn, q, k, k, mask, sliding_window=4)
+    ref, _ = backend.fastattn_attention_forward(attn, q, k, k, None, sliding_window=4)
+    alone, _ = backend.fastattn_attention_forward(attn, q, k, k, mask)  # the mask's window alone is applied
+    full, _ = backend.fastattn_attention_forward(attn, q, k, k, None)
+    assert torch.equal(out, ref) and torch.equal(alone, ref) and (alone - full).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="passes sliding_window=8 but its mask was built with a window of 4"):
+        backend.fastattn_attention_forward(attn, q, k, k, mask, sliding_window=8)

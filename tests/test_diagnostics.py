@@ -223,32 +223,56 @@ def test_plan_roundtrip_and_validation(tmp_path):
 
 def test_layer_entropy_ranges_and_norms_equal_direct_computation():
     """Per head, against a loop over real query rows: the entropy is the mean over real rows (padding rows left
-    out) of -sum p ln p in nats; max|s q.k| ranges over visible pairs only (a huge key in a padded slot counts for
-    nothing); |K|_inf = sqrt(s) max|k| of the head's own KV head (GQA)."""
+    out) of -sum p ln p in nats; max|s q.k| ranges over real query rows and visible real keys; |Q|_inf and |K|_inf
+    are sqrt(s) max|q| over real rows and sqrt(s) max|k| over real keys of the head's own KV head (GQA); the rms
+    logit is s sqrt(tr(M_q M_k)) over a sequence's real rows and keys, max over the sequences. A huge query, key or
+    value in a padded slot changes no statistic (a padded query row or key once set logit_max, q_inf, k_inf and
+    rms_logit: the mask hid padded keys only, and the maxima and the guard's moments ran over every slot)."""
+    g = torch.Generator().manual_seed(0)
     b, h, hkv, n, d, s = 2, 4, 2, 20, 8, 0.3
-    q, k, v = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    q, k, v = (torch.randn(b, heads, n, d, generator=g) for heads in (h, hkv, hkv))
     k[:, 1] *= 3.0
     valid = torch.ones(b, n, dtype=torch.bool)
     valid[0, :4] = False  # left padding
     valid[1, -5:] = False  # right padding: these rows still see real keys
-    k[0, :, 1] *= 100.0  # a padded key that would dominate every range
-    stats, _ = layer_stats(q, k, v, valid, dict(scale=s, window=None, softcap=None), {}, 0)
+    opts = dict(scale=s, window=None, softcap=None)
+    settings = {"c": {"method": "conv", "conv_k": 4}, "p": {"method": "poly", "degree": 2, "local_window": 4}}
+    stats, sums = layer_stats(q, k, v, valid, opts, settings, 0)
     for head in range(h):
         kh = k[:, head // 2]
-        ents, top = [], 0.0
+        ents, top, sigmas = [], 0.0, []
         for i in range(b):
-            for t in range(n):
-                if not valid[i, t]:
-                    continue
+            real = valid[i].nonzero()[:, 0]
+            qr, kr = q[i, head, real].double(), kh[i, real].double()
+            sigmas.append(s * ((qr.T @ qr / len(real)) * (kr.T @ kr / len(real))).sum().sqrt().item())
+            for t in real.tolist():
                 keys = [j for j in range(t + 1) if valid[i, j]]
                 x = s * kh[i, keys] @ q[i, head, t]
                 p = torch.softmax(x.double(), 0)
                 ents.append(-(p * p.log()).sum().item())
                 top = max(top, x.abs().max().item())
+        rows = valid[:, None, :].expand(b, d, n).transpose(1, 2)  # [B, N, D]
         st = stats[head]
         assert st.entropy == pytest.approx(sum(ents) / len(ents), rel=1e-4)
         assert st.logit_max == pytest.approx(top, rel=1e-5)
-        assert st.k_inf == pytest.approx(math.sqrt(s) * kh.abs().max().item(), rel=1e-6)
+        assert st.q_inf == pytest.approx(math.sqrt(s) * q[:, head][rows].abs().max().item(), rel=1e-6)
+        assert st.k_inf == pytest.approx(math.sqrt(s) * kh[rows].abs().max().item(), rel=1e-6)
+        assert st.rms_logit == pytest.approx(max(sigmas), rel=1e-5)
+    # a huge value in each kind of padded slot: left-padded key, value and query row, right-padded query row
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    kp[0, :, 1] *= 100.0
+    vp[0, :, 1] *= 100.0
+    qp[0, :, 2] *= 100.0
+    qp[1, :, -2] *= 100.0
+    poisoned, psums = layer_stats(qp, kp, vp, valid, opts, settings, 0)
+    for a, c in zip(poisoned, stats):
+        for name in ("logit_max", "q_inf", "k_inf", "entropy", "rms_logit"):
+            assert getattr(a, name) == pytest.approx(getattr(c, name), rel=1e-6), name
+        assert a.predicted == pytest.approx(c.predicted, rel=1e-6)
+    assert torch.allclose(psums["ref_sq"], sums["ref_sq"], rtol=1e-6)
+    assert torch.allclose(psums["ent_sum"], sums["ent_sum"], rtol=1e-6) and psums["rows"] == sums["rows"]
+    for name in settings:
+        assert torch.allclose(psums["err_sq"][name], sums["err_sq"][name], rtol=1e-4)
 
 
 def test_diagnose_pools_batches():
@@ -422,3 +446,55 @@ def test_diagnose_pools_entropy_over_all_real_rows():
         assert hb.errors["conv-k4"] == pytest.approx(hj.errors["conv-k4"], rel=1e-4)
     # not vacuous: the batches' entropies differ by more than the tolerance
     assert max(abs(h1.entropy - h2.entropy) / h2.entropy for h1, h2 in zip(one.heads, two.heads)) > 1e-3
+
+
+def _uneven_batches(seed):
+    """Two batches of 32-token rows with different numbers of scored tokens (31, then 31 + 7 with right padding),
+    and their concatenation."""
+    x1, x2 = _tokens(1, 32, seed), _tokens(2, 32, seed + 1)
+    m1, m2 = torch.ones_like(x1), torch.ones_like(x2)
+    m2[1, 8:] = 0
+    b1, b2 = {"input_ids": x1, "attention_mask": m1}, {"input_ids": x2, "attention_mask": m2}
+    return b1, b2, {"input_ids": torch.cat([x1, x2]), "attention_mask": torch.cat([m1, m2])}
+
+
+def test_evaluate_plan_weights_batches_by_scored_tokens():
+    """The losses over several batches are means over all their scored tokens, what the concatenated batch gives
+    (they were once unweighted means of the per-batch means); the errors pool the same way."""
+    cfg = tiny_config("llama")
+    _, model = model_pair(cfg)
+    p = _round_robin_plan(cfg, {"exact": {"method": "exact"}, "c": {"method": "conv", "conv_k": 4}})
+    b1, b2, cat = _uneven_batches(46)
+    one, two, both, joint = (evaluate_plan(model, p, data) for data in (b1, b2, [b1, b2], cat))
+    for key in ("loss_exact", "loss_plan", "logit_rel_err"):
+        assert both[key] == pytest.approx(joint[key], rel=1e-5), key
+    assert both["per_head"] == pytest.approx(joint["per_head"], rel=1e-4)
+    # not vacuous: the unweighted mean of the batches is off by far more than the tolerance
+    for key in ("loss_exact", "loss_plan"):
+        assert abs((one[key] + two[key]) / 2 - joint[key]) > 1e-3 * joint[key]
+
+
+def test_diagnose_pools_batches_like_the_concatenated_batch():
+    """Several batches report what their concatenation reports: the depth sweep's losses and gradient errors pool
+    every batch, token-weighted (it once ran the first batch only), and the maxima (logit range, entry norms, the
+    per-sequence rms logit and the guard's prediction at it: worst cases, pooled as maxima) agree as well."""
+    _, model = model_pair(tiny_config("llama"))
+    settings = {"poly-d2-w0": SMALL["poly-d2-w0"], "conv-k4": SMALL["conv-k4"]}
+    b1, b2, cat = _uneven_batches(47)
+    run = lambda data: diagnose(model, data, settings, depth_settings=["conv-k4"], progress=False)  # noqa: E731
+    first, both, joint = run(b1), run([b1, b2]), run(cat)
+    assert both.meta["depth_batches"] == 2
+    for rb, rj, r1 in zip(both.depth["conv-k4"], joint.depth["conv-k4"], first.depth["conv-k4"]):
+        assert rb["layers"] == rj["layers"]
+        for key in ("loss", "loss_delta", "grad_rel_err"):
+            assert rb[key] == pytest.approx(rj[key], rel=1e-4, abs=1e-7), key
+        assert abs(r1["loss"] - rj["loss"]) > 1e-3 * rj["loss"]  # not vacuous: the first batch alone differs
+    for hb, hj in zip(both.heads, joint.heads):
+        for name in ("logit_max", "q_inf", "k_inf", "rms_logit", "entropy"):
+            assert getattr(hb, name) == pytest.approx(getattr(hj, name), rel=1e-5), name
+        assert hb.predicted == pytest.approx(hj.predicted, rel=1e-5)
+        assert hb.errors == pytest.approx(hj.errors, rel=1e-4)
+    only_first = diagnose(model, [b1, b2], settings, depth_settings=["conv-k4"], depth_batches=1, progress=False)
+    assert only_first.meta["depth_batches"] == 1
+    for ro, r1 in zip(only_first.depth["conv-k4"], first.depth["conv-k4"]):
+        assert ro == pytest.approx(r1, rel=1e-5)

@@ -366,19 +366,21 @@ def test_band_reduces_error_and_fit_helps_at_wide_logits():
 
 def test_guard_statistics_per_head_with_gqa_and_padding():
     """The guard's per-head bound and rms logit equal a direct computation: query head i reads KV head i // G, and
-    padded key slots (here filled with values 50x too large) count for neither."""
+    padded slots (keys and query rows, here filled with values 50x too large) count for neither: the queries are the
+    last Nq positions, so kv_valid[:, -Nq:] marks the real rows."""
     b, h, hkv, n, d, s = 2, 4, 2, 30, 8, 0.3
     q, k, _ = _qkv(b, h, hkv, n, n, d)
     k[:, 1] *= 3.0  # KV heads differ, so a wrong head grouping shows
     valid = _padding(b, n)
     k[~valid[:, None, :].expand(b, hkv, n)] *= 50.0
+    q[~valid[:, None, :].expand(b, h, n)] *= 50.0
     st = guard_stats(q, k, s, poly_coefficients(2), valid)
     for head in range(h):
         bounds, sigmas = [], []
         for i in range(b):
-            kh, qh = k[i, head // (h // hkv)][valid[i]], q[i, head]
+            kh, qh = k[i, head // (h // hkv)][valid[i]], q[i, head][valid[i]]
             bounds.append(s * qh.norm(dim=-1).max() * kh.norm(dim=-1).max())
-            sigmas.append(s * ((qh.T @ qh / n) * (kh.T @ kh / len(kh))).sum().sqrt())  # sqrt(tr(Mq Mk))
+            sigmas.append(s * ((qh.T @ qh / len(qh)) * (kh.T @ kh / len(kh))).sum().sqrt())  # sqrt(tr(Mq Mk))
         assert st.bound[head] == pytest.approx(max(bounds).item(), rel=1e-5)
         assert st.sigma[head] == pytest.approx(max(sigmas).item(), rel=1e-5)
 

@@ -152,8 +152,10 @@ def test_sinks_with_logits_in_the_hundreds(scale):
         assert _rel(out.double(), ref) < 1e-4
         grads = torch.autograd.grad(out.square().sum(), (q, sinks))
         ref_grads = torch.autograd.grad(ref.square().sum(), (q64, s64))
-        # dq: float32 logits of hundreds round by ~1e-5, which saturated rows' small dq feel (decode rows: 1.4 %)
-        for g, r, tol in zip(grads, ref_grads, (2e-2, 1e-4)):
+        # dq: float32 logits of hundreds round by ~1e-5, which saturated rows' small dq feel: a row whose dq is a
+        # cancellation of terms ~1e5 times larger is off by 10-60 % in every form (chunk and direct alike), 2.3 % of
+        # the largest dq for the direct form at scale 40 (torch 2.13 CPU); a dropped sink or far term is O(1)
+        for g, r, tol in zip(grads, ref_grads, (5e-2, 1e-4)):
             assert torch.isfinite(g).all() and (g.double() - r).abs().max() <= tol * r.abs().max()
 
 
@@ -230,7 +232,11 @@ def test_mask_parts():
             mu.chunked_causal_mask_function(8, torch.zeros(1, dtype=torch.long))]  # 6 tokens: one chunk
     for fn in kept:
         assert set(backend.mask_parts(fn)) <= backend._MASK_PARTS_KEPT
-        assert backend.fastattn_mask(1, 6, 6, mask_function=fn) is None
+        out = backend.fastattn_mask(1, 6, 6, mask_function=fn)
+        if fn is kept[1]:  # the window travels on an all-True tensor that stands for "no padding"
+            assert out.all() and out.shape == (1, 6) and out._fastattn_window == 4 and out._fastattn_full
+        else:
+            assert out is None
 
     def image_blocks(batch_idx, head_idx, q_idx, kv_idx):
         return q_idx // 3 == kv_idx // 3

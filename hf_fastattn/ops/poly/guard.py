@@ -56,17 +56,27 @@ class GuardStats:
 
 @torch.no_grad()
 def guard_stats(q, k, scale, coeffs, kv_valid=None) -> GuardStats:
-    """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics."""
-    b, h, _, d = q.shape
-    hkv = k.shape[1]
+    """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics over real tokens.
+
+    kv_valid [B, Nk] marks real keys; the queries are the last Nq positions (bottom-right), so kv_valid[:, -Nq:]
+    marks the real query rows. Padded slots are left out of the maxima, the second moments and their counts:
+    whatever a padded slot holds changes nothing. sigma is a sequence's rms logit s sqrt(tr(M_q M_k)); both it and
+    the bound are the max over the batch's sequences (a per-sequence worst case)."""
+    b, h, nq, d = q.shape
+    hkv, nk_len = k.shape[1], k.shape[2]
     qf, kf = q.float(), k.float()
-    if kv_valid is not None:
-        kf = kf * kv_valid[:, None, :, None]
-    nk = kv_valid.sum(-1).clamp_min(1).float()[:, None] if kv_valid is not None else torch.full((b, 1), k.shape[2], dtype=torch.float32, device=k.device)
+    if kv_valid is None:
+        kv_valid = torch.ones(b, nk_len, dtype=torch.bool, device=k.device)
+    key_real = kv_valid.bool()
+    q_real = key_real[:, -nq:] if nq <= nk_len else torch.ones(b, nq, dtype=torch.bool, device=q.device)
+    qf = qf.masked_fill(~q_real[:, None, :, None], 0.0)
+    kf = kf.masked_fill(~key_real[:, None, :, None], 0.0)
+    nq_real = q_real.sum(-1).clamp_min(1).float()[:, None, None, None]  # [B, 1, 1, 1]
+    nk_real = key_real.sum(-1).clamp_min(1).float()[:, None, None, None]
     qmax = qf.norm(dim=-1).amax(-1)  # [B, H]
     kmax = kf.norm(dim=-1).amax(-1).repeat_interleave(h // hkv, dim=1)  # [B, H]
-    mq = qf.transpose(-1, -2) @ qf / q.shape[2]  # [B, H, D, D]
-    mk = (kf.transpose(-1, -2) @ kf / nk[..., None, None]).repeat_interleave(h // hkv, dim=1)
+    mq = qf.transpose(-1, -2) @ qf / nq_real  # [B, H, D, D]
+    mk = (kf.transpose(-1, -2) @ kf / nk_real).repeat_interleave(h // hkv, dim=1)
     sigma = scale * (mq * mk).sum((-1, -2)).clamp_min(0).sqrt()  # tr(Mq Mk), both symmetric
     bound = (scale * qmax * kmax).amax(0).tolist()
     sigma = sigma.amax(0).tolist()
