@@ -3,35 +3,69 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-import time
+
+
+class UsageError(Exception):
+    """A bad option found by a command; `main` reports it as its subcommand's argparse usage error."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _load(option: str, name: str, **kw):
+    """load_model, with a missing local path or an unloadable name as a UsageError naming the option."""
+    from hf_fastattn.loading import load_model
+
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id has at most one '/'
+    if name not in ("", "embedded") and not name.startswith("tiny:") and local and not os.path.exists(name):
+        raise UsageError(f"{option} {name!r}: no such model directory")
+    try:
+        return load_model(name, **kw)
+    except (OSError, ValueError) as err:  # not a model directory / not a hub id (offline)
+        raise UsageError(f"{option} {name!r}: cannot load the model: {type(err).__name__}: {err}"[:600]) from None
 
 
 def _demo(args) -> int:
     """The main job on the embedded default: a shortened headline experiment (about a minute on 2 cores)."""
+    from pathlib import Path
+
     import torch
 
     import hf_fastattn
-    from hf_fastattn.experiment import ExperimentConfig, format_table, run_experiment, save
-    from hf_fastattn.loading import load_model
+    from hf_fastattn.experiment import ExperimentConfig, check_config, format_table, run_experiment, save
 
+    cfg = ExperimentConfig(model=args.model, arms=[a for a in args.arms.split(",") if a], steps=args.steps,
+                           seq_len=args.seq_len, batch_size=4, eval_tokens=args.eval_tokens, long_factor=2,
+                           passkey_trials=2, passkey_depths=(0.2,), seed=args.seed)
+    try:  # every arm and the lengths checked before any work
+        check_config(cfg)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     torch.manual_seed(args.seed)
-    model, _ = load_model(args.model)
-    eager, _ = load_model(args.model, attn="eager")
-    x = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(args.seed))
+    model, _ = _load("--model", args.model)
+    eager, _ = _load("--model", args.model, attn="eager")
+    x = torch.randint(0, model.config.vocab_size, (2, 256),
+                      generator=torch.Generator().manual_seed(args.seed))
     hf_fastattn.configure(model, method="exact")
     with torch.no_grad():
         diff = (model(input_ids=x).logits - eager(input_ids=x).logits).abs().max().item()
     print(f"plumbing check on {args.model}: fastattn(exact) vs eager, max |logit diff| = {diff:.2e}")
-    cfg = ExperimentConfig(model=args.model, arms=args.arms.split(","), steps=args.steps, seq_len=args.seq_len,
-                           batch_size=4, eval_tokens=args.eval_tokens, long_factor=2, passkey_trials=2,
-                           passkey_depths=(0.2,), seed=args.seed)
     print(f"shortened headline experiment: arms {cfg.arms}, {cfg.steps} fine-tuning steps each "
           f"(full version: python scripts/headline.py)")
-    results = run_experiment(cfg)
+    results = run_experiment(cfg, out=Path(args.out))
     print()
     print(format_table(results))
-    save(results, __import__("pathlib").Path(args.out))
+    save(results, Path(args.out))
     print(f"wrote {args.out}/results.json")
     return 0
 
@@ -42,17 +76,23 @@ def _diagnose(args) -> int:
 
     import hf_fastattn
     from hf_fastattn import diagnostics
-    from hf_fastattn.loading import load_model, read_text, tokenize, windows
+    from hf_fastattn.loading import read_text, tokenize, windows
 
-    model, tokenizer = load_model(args.model, dtype=__import__("torch").float32, device=args.device)
+    if args.save and args.plan is None:
+        raise UsageError("--save saves the planned model: it needs --plan BUDGET")
+    if args.text and not os.path.isfile(args.text):
+        raise UsageError(f"--text: no such file: {args.text}")
+    if args.settings:
+        unknown = [s for s in args.settings.split(",") if s not in diagnostics.DEFAULT_SETTINGS]
+        if unknown:
+            known = ", ".join(diagnostics.DEFAULT_SETTINGS)
+            raise UsageError(f"--settings: unknown settings {unknown}; choose from {known}")
+    model, tokenizer = _load("model", args.model, dtype=__import__("torch").float32, device=args.device)
     ids = tokenize(tokenizer, read_text(args.text))
     cut = int(len(ids) * 0.75)  # the last quarter is held out to check the plan
     diag = windows(ids[:cut], args.max_length, args.batch, args.batches)
     settings = diagnostics.DEFAULT_SETTINGS
     if args.settings:
-        unknown = [s for s in args.settings.split(",") if s not in settings]
-        if unknown:
-            raise SystemExit(f"unknown settings {unknown}; choose from {', '.join(settings)}")
         settings = {s: settings[s] for s in args.settings.split(",")}
     depth = [] if args.no_depth else None
     print(f"diagnosing {args.model}: {len(diag)} batch(es) of {args.batch} x {args.max_length} tokens")
@@ -102,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batches", type=int, default=2, help="batches to diagnose (and to check the plan on)")
     d.add_argument("--settings", default="", help="comma list of settings to measure (default: all)")
     d.add_argument("--no-depth", action="store_true", help="skip the end-to-end depth sweep")
-    d.add_argument("--plan", type=float, default=None, metavar="BUDGET", help="plan per head within this relative error")
+    d.add_argument("--plan", type=_positive_float, default=None, metavar="BUDGET",
+                   help="plan per head within this relative error (a positive number, e.g. 0.1)")
     d.add_argument("--plan-length", type=int, default=None, help="sequence length the plan's costs are compared at")
-    d.add_argument("--save", default=None, help="save the planned model here (with --plan)")
+    d.add_argument("--save", default=None, help="save the planned model here (needs --plan)")
     d.add_argument("--out-dir", default=None, help="where report.json, heatmap.png and plan.json go")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.set_defaults(func=_diagnose)
@@ -120,12 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("bench-model", help="training steps of a whole decoder (random weights), fastattn arms vs SDPA")
     bench_model.add_arguments(m)
     m.set_defaults(func=bench_model.main)
+    parser.subcommands = {"demo": demo, "diagnose": d, "bench": b, "bench-model": m}
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        parser.subcommands[args.command].error(str(err))
 
 
 if __name__ == "__main__":

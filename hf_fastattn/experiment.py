@@ -56,7 +56,28 @@ def arm_options(arm: str, cfg: ExperimentConfig, plan: dict | None = None) -> di
         return {"method": "conv", "conv_k": cfg.conv_k}
     if arm == "plan":
         return {"method": "exact", "guard": "off", "plan": plan}
-    raise ValueError(f"unknown arm {arm!r}; choose from exact, poly, band, conv, plan")
+    raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+ARMS = ("exact", "poly", "band", "conv", "plan")
+COPY_MARGIN, COPY_PASSAGE = 96, 48  # the copy probe's distance is seq_len - COPY_MARGIN; its passage 48 bytes
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """ValueError (naming the command-line option) for a configuration the experiment cannot run, before any
+    work: unknown arms, and a --seq-len too short for the copy probe (distance seq_len - 96 must be at least the
+    48-byte passage, or the two copies overlap / the distance is not positive)."""
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown or not cfg.arms:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(ARMS)}")
+    if len(set(cfg.arms)) != len(cfg.arms):
+        raise ValueError(f"--arms: an arm is named twice in {','.join(cfg.arms)}")
+    distance = cfg.seq_len - COPY_MARGIN
+    if distance < COPY_PASSAGE:
+        raise ValueError(f"--seq-len {cfg.seq_len} is too short for the copy probe: its distance seq_len - "
+                         f"{COPY_MARGIN} = {distance} must be at least the {COPY_PASSAGE}-byte passage, so --seq-len "
+                         f">= {COPY_MARGIN + COPY_PASSAGE}")
 
 
 def measure(model, cfg: ExperimentConfig, ids: torch.Tensor, source) -> dict:
@@ -65,8 +86,8 @@ def measure(model, cfg: ExperimentConfig, ids: torch.Tensor, source) -> dict:
     model.eval()
     long = cfg.seq_len * cfg.long_factor
     ppl = evaluation.perplexity_vs_length(model, ids, [cfg.seq_len, long], cfg.eval_tokens)
-    copy = evaluation.copy_probe(model, source, cfg.seq_len, cfg.seq_len - 96, rows=8)
-    copy_long = evaluation.copy_probe(model, source, long, long - 96, rows=4)
+    copy = evaluation.copy_probe(model, source, cfg.seq_len, cfg.seq_len - COPY_MARGIN, rows=8, passage=COPY_PASSAGE)
+    copy_long = evaluation.copy_probe(model, source, long, long - COPY_MARGIN, rows=4, passage=COPY_PASSAGE)
     keys = evaluation.passkey(model, source, [cfg.seq_len], list(cfg.passkey_depths), cfg.passkey_trials)
     return {
         "ppl": ppl[cfg.seq_len]["perplexity"], "ppl_long": ppl[long]["perplexity"],
@@ -77,7 +98,7 @@ def measure(model, cfg: ExperimentConfig, ids: torch.Tensor, source) -> dict:
     }
 
 
-def _finetune(cfg: ExperimentConfig, options: dict):
+def _finetune(cfg: ExperimentConfig, options: dict, output_dir: Path):
     from .finetune import add_arguments, run
 
     p = argparse.ArgumentParser()
@@ -86,20 +107,24 @@ def _finetune(cfg: ExperimentConfig, options: dict):
         "--model", cfg.model, "--attn", "fastattn", "--steps", str(cfg.steps), "--seq-len", str(cfg.seq_len),
         "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--warmup", str(max(1, cfg.steps // 10)),
         "--copy-fraction", str(cfg.copy_fraction), "--eval-every", "0", "--eval-batches", "2", "--seed", str(cfg.seed),
-        "--no-save-model", "--quiet", "--output-dir", "runs/experiment/ft",
+        "--no-save-model", "--quiet", "--output-dir", str(output_dir),
     ])
     args.plan = None
     metrics = run(args, fastattn_override=options)
     return metrics["model"], metrics
 
 
-def run_experiment(cfg: ExperimentConfig, progress=print) -> dict:
+def run_experiment(cfg: ExperimentConfig, progress=print, out: Path | None = None) -> dict:
+    """Every arm measured before and after fine-tuning. Each arm's fine-tuning run (metrics.json) goes to
+    `out`/ft-<arm> (default: runs/experiment)."""
     import hf_fastattn
 
     from .data import encode
     from .diagnostics import diagnose, plan
     from .loading import load_model, read_text, tokenize, windows
 
+    check_config(cfg)
+    out = Path("runs/experiment") if out is None else Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base, tokenizer = load_model(cfg.model)
@@ -120,7 +145,7 @@ def run_experiment(cfg: ExperimentConfig, progress=print) -> dict:
         options = arm_options(arm, cfg, the_plan)
         hf_fastattn.configure(base, replace=True, **options)
         before = measure(base, cfg, ids, source)
-        tuned, metrics = _finetune(cfg, options)
+        tuned, metrics = _finetune(cfg, options, out / f"ft-{arm}")
         hf_fastattn.configure(tuned, replace=True, **options)
         after = measure(tuned, cfg, ids, source)
         results["arms"][arm] = {"options": options, "before": before, "after": after,
@@ -148,7 +173,7 @@ def verdict(results: dict) -> str:
     if "poly" not in arms or "band" not in arms:
         return "poly vs band not compared"
     p, b = arms["poly"]["after"], arms["band"]["after"]
-    far, w = results["config"]["seq_len"] - 96, results["config"]["window"]
+    far, w = results["config"]["seq_len"] - COPY_MARGIN, results["config"]["window"]
     better_copy = p["copy_second"] < b["copy_second"] - 0.05
     lines = [
         f"copy probe at distance {far} >> W={w}: poly {p['copy_second']:.2f} vs band {b['copy_second']:.2f} nats/byte "
@@ -168,7 +193,7 @@ def format_table(results: dict) -> str:
     cfg = results["config"]
     long = cfg["seq_len"] * cfg["long_factor"]
     head = (f"{'arm':<6} | {'ppl@' + str(cfg['seq_len']):>16} | {'ppl@' + str(long):>16} | "
-            f"{'copy 2nd @' + str(cfg['seq_len'] - 96):>18} | {'passkey':>11}")
+            f"{'copy 2nd @' + str(cfg['seq_len'] - COPY_MARGIN):>18} | {'passkey':>11}")
     lines = [head, "-" * len(head)]
     for arm, r in results["arms"].items():
         b, a = r["before"], r["after"]
@@ -176,7 +201,7 @@ def format_table(results: dict) -> str:
                      f"{b['copy_second']:>8.2f} -> {a['copy_second']:>6.2f} | {b['passkey']:>4.0%} -> {a['passkey']:>4.0%}")
     lines.append(f"(before -> after {cfg['steps']} fine-tuning steps of {cfg['batch_size']}x{cfg['seq_len']} tokens "
                  f"each, same batches for every arm; copy: nats/byte on the second copy of a random passage, the "
-                 f"first copy being {cfg['seq_len'] - 96} bytes back; W = {cfg['window']})")
+                 f"first copy being {cfg['seq_len'] - COPY_MARGIN} bytes back; W = {cfg['window']})")
     lines.append(results.get("verdict", ""))
     return "\n".join(lines)
 

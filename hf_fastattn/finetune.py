@@ -6,10 +6,16 @@
 
 Any causal LM path; fastattn options on the command line; local text / json(l) files through `datasets`
 (hub names when online; default: the embedded corpus); packing to --seq-len; gradient accumulation;
-bf16/fp32; gradient checkpointing; LoRA via peft; cosine schedule with warm-up; tqdm on the main process;
+bf16/fp32; gradient checkpointing; LoRA via peft; cosine schedule with a linear warm-up whose first step is
+already at lr/--warmup (never 0); tqdm on the main process;
 periodic eval loss; checkpoints every --save-every steps with exact resume (optimizer, scheduler, RNG,
 data position); a final `save_pretrained` that carries `fastattn_config`. metrics.json records the loss
-curve, the world size the job really had, and the op call counters (proof that fastattn's backward ran).
+curve (each step's "lr" is the one that step used), the world size the job really had, and the op call
+counters (proof that fastattn's backward ran).
+
+With --data and no --eval-data, the last 5 % of the packed rows (at least one) are held out for the eval loss
+and never trained on; data too small to leave a training row as well is refused. Bad options (missing files, an
+invalid --plan, LoRA targets the model lacks, a --batch-size larger than the data) are usage errors.
 """
 
 from __future__ import annotations
@@ -22,6 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class UsageError(ValueError):
+    """A bad command-line option found while running; `main` reports it as an argparse usage error."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 FASTATTN_OPTIONS = ("method", "degree", "local_window", "chunk_size", "guard", "poly_coeffs", "fit_range",
                     "conv_k", "conv_placement", "kernel")
@@ -43,14 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="a plan.json from `hf-fastattn diagnose --plan` (overrides --method)")
     p.add_argument("--data", nargs="*", default=None, help="text / json / jsonl files or a hub dataset (default: embedded corpus)")
     p.add_argument("--text-field", default="text", help="field of json records holding the text")
-    p.add_argument("--eval-data", nargs="*", default=None, help="held-out files (default: embedded held-out / 5 %% split)")
+    p.add_argument("--eval-data", nargs="*", default=None,
+                   help="held-out files (default: the embedded held-out corpus; with --data, its last 5 %% of rows, "
+                        "held out of training)")
     p.add_argument("--copy-fraction", type=float, default=0.0, help="share of training rows with a repeated passage (embedded data)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per packed row")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per process per micro-batch")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps (linear from lr/warmup at the first step)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (accelerate mixed precision)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present (implied without one)")
@@ -73,18 +95,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _load_texts(files, text_field):
+_FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".py")
+
+
+def _looks_like_a_file(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in _FILE_SUFFIXES
+
+
+def check_files(option: str, files) -> None:
+    """UsageError unless every entry of a --data / --eval-data list is an existing file (a single entry that is
+    not a path may be a hub dataset name)."""
+    files = list(files)
+    if not files:
+        raise UsageError(f"{option} needs at least one file (or leave the option out)")
+    if len(files) == 1 and not os.path.exists(files[0]) and not _looks_like_a_file(files[0]):
+        return  # a hub dataset name, tried when loading
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UsageError(f"{option}: no such file: {', '.join(missing)}")
+
+
+def _load_texts(files, text_field, option="--data"):
     from datasets import load_dataset
 
     files = list(files)
+    check_files(option, files)
     if len(files) == 1 and not os.path.exists(files[0]):  # a hub dataset name (needs the network)
-        ds = load_dataset(files[0], split="train")
+        try:
+            ds = load_dataset(files[0], split="train")
+        except Exception as err:  # offline, or no such dataset
+            raise UsageError(f"{option} {files[0]!r} is not a file, and loading it as a hub dataset failed: "
+                             f"{type(err).__name__}: {err}"[:500]) from err
     else:
         ext = Path(files[0]).suffix.lower()
         builder = "json" if ext in (".json", ".jsonl") else "text"
         ds = load_dataset(builder, data_files=files, split="train", **({"sample_by": "document"} if builder == "text" else {}))
     if text_field not in ds.column_names:
-        raise ValueError(f"--text-field {text_field!r} not in the dataset columns {ds.column_names}")
+        raise UsageError(f"--text-field {text_field!r} not in the dataset columns {ds.column_names}")
     return [t for t in ds[text_field] if t]
 
 
@@ -147,21 +194,37 @@ class Shuffled(torch.utils.data.Dataset):
         return self.dataset[int(self.order[i])]
 
 
+def held_out_split(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train stream, eval stream): the last 5 % of the stream's rows of seq_len tokens (at least one) held out.
+    Refuses a stream of fewer than two rows (nothing would be left to train on, or to evaluate on)."""
+    rows = len(stream) // seq_len
+    if rows < 2:
+        raise UsageError(f"--data has {len(stream)} tokens = {rows} row(s) of --seq-len {seq_len}; holding out an "
+                         "eval split needs at least 2 rows: add data, lower --seq-len, or give --eval-data")
+    held = max(1, rows // 20)
+    cut = (rows - held) * seq_len
+    return stream[:cut], stream[cut : rows * seq_len]
+
+
 def build_data(args, tokenizer):
-    """(train dataset, eval dataset)."""
+    """(train dataset, eval dataset). --data without --eval-data: the last 5 % of its rows are the eval split
+    (see `held_out_split`), so the eval loss is never measured on training rows."""
     if args.data:
-        texts = _load_texts(args.data, args.text_field)
+        stream = token_stream(tokenizer, _load_texts(args.data, args.text_field))
         if args.eval_data:
-            eval_texts = _load_texts(args.eval_data, args.text_field)
+            eval_stream = token_stream(tokenizer, _load_texts(args.eval_data, args.text_field, "--eval-data"))
         else:
-            cut = max(1, len(texts) // 20)
-            texts, eval_texts = texts[cut:] or texts, texts[:cut]
+            stream, eval_stream = held_out_split(stream, args.seq_len)
     else:
         from .data import stdlib_text
 
-        texts, eval_texts = [stdlib_text("train")], [stdlib_text("heldout")]
-    train = PackedRows(token_stream(tokenizer, texts), args.seq_len, args.copy_fraction, args.seed)
-    evald = PackedRows(token_stream(tokenizer, eval_texts), args.seq_len)
+        stream = token_stream(tokenizer, [stdlib_text("train")])
+        eval_stream = token_stream(tokenizer, [stdlib_text("heldout")])
+    try:
+        train = PackedRows(stream, args.seq_len, args.copy_fraction, args.seed)
+        evald = PackedRows(eval_stream, args.seq_len)
+    except ValueError as err:  # fewer tokens than one row
+        raise UsageError(str(err)) from err
     return train, evald
 
 
@@ -171,21 +234,78 @@ def lora_targets(model, spec: str) -> list[str] | str:
     if spec == "all-linear":
         return spec
     if spec != "attention":
-        return [name for name in spec.split(",") if name]
+        names = [name for name in spec.split(",") if name]
+        modules = [n for n, _ in model.named_modules() if n]
+        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing or not names:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            named = ", ".join(missing) if missing else repr(spec)
+            raise UsageError(f"--lora-targets: {type(model).__name__} has no modules named {named}; "
+                             f"its Linear layers are {', '.join(linear)} (or use attention, all-linear)")
+        return names
     names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and ".self_attn." in f".{name}"})
     if not names:
-        raise ValueError(f"--lora-targets attention: {type(model).__name__} has no Linear layers inside modules named "
+        raise UsageError(f"--lora-targets attention: {type(model).__name__} has no Linear layers inside modules named "
                          "self_attn; give a comma list of module names, or all-linear")
     return names
+
+
+def read_plan(path: str) -> dict:
+    """The plan of a plan.json (`hf-fastattn diagnose --plan` writes {"plan": ..., "realised": ...}); a
+    UsageError naming --plan when the file is missing, not JSON or not a valid plan."""
+    from .config import FastAttnConfig
+
+    if not Path(path).is_file():
+        raise UsageError(f"--plan: no such file: {path}")
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--plan {path}: not a JSON file ({err})") from None
+    plan = raw.get("plan", raw) if isinstance(raw, dict) else raw
+    try:
+        FastAttnConfig(plan=plan)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--plan {path}: not a valid plan: {err}") from None
+    return plan
+
+
+def check_resume(resume) -> None:
+    if resume and resume != "auto" and not (Path(resume) / "trainer_state.json").is_file():
+        what = "is not a checkpoint directory (no trainer_state.json)" if Path(resume).is_dir() else "no such directory"
+        raise UsageError(f"--resume {resume}: {what}; give a checkpoint-N directory written with --save-every, or auto")
+
+
+def check_args(args) -> None:
+    """The options checkable before any model or data is loaded (UsageError)."""
+    if args.plan:
+        read_plan(args.plan)
+    check_resume(args.resume)
+    if args.data is not None:
+        check_files("--data", args.data)
+    if args.eval_data is not None:
+        check_files("--eval-data", args.eval_data)
 
 
 def fastattn_options(args) -> dict:
     opts = {k: getattr(args, k) for k in FASTATTN_OPTIONS}
     if args.plan:
-        raw = json.loads(Path(args.plan).read_text())
-        opts["plan"] = raw.get("plan", raw)
+        opts["plan"] = read_plan(args.plan)
     return opts
+
+
+def lr_lambda(warmup: int, steps: int):
+    """Learning-rate factor of optimizer step i (0-based): a linear warm-up (i + 1) / warmup, so the first step
+    already moves the weights, then a cosine decay to 0 at `steps`."""
+    import math
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return factor
 
 
 def _latest_checkpoint(out: Path):
@@ -199,12 +319,12 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     import hf_fastattn
     from hf_fastattn.loading import enable_checkpointing, load_model
     from hf_fastattn.ops import stats
 
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # cpu=True without a GPU: accelerate then turns torchrun's WORLD_SIZE > 1 into gloo data parallelism
@@ -228,11 +348,15 @@ def run(args, fastattn_override: dict | None = None) -> dict:
                                                  task_type="CAUSAL_LM"))
     train, evald = build_data(args, tokenizer)
     train = Shuffled(train, args.seed)
+    if len(train) < args.batch_size * acc.num_processes:  # drop_last would leave no batch: the loop would never end
+        raise UsageError(f"--batch-size {args.batch_size} x {acc.num_processes} process(es) needs at least "
+                         f"{args.batch_size * acc.num_processes} training rows, but the data has {len(train)} "
+                         f"row(s) of --seq-len {args.seq_len} tokens: lower --batch-size or --seq-len, or add data")
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=False, drop_last=True)
     eval_loader = torch.utils.data.DataLoader(evald, batch_size=args.batch_size, shuffle=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
     model, opt, loader, eval_loader, sched = acc.prepare(model, opt, loader, eval_loader, sched)
 
     step, history, evals = 0, [], []
@@ -270,14 +394,21 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     train.set_epoch(epoch)
     data_iter = iter(_skip(loader, skip))
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    batches_this_epoch = skip
     while step < last:
         try:
             batch = next(data_iter)
+            batches_this_epoch += 1
         except StopIteration:
+            if batches_this_epoch == 0:
+                raise RuntimeError(f"an epoch of the training data gave no batch ({len(train)} rows, --batch-size "
+                                   f"{args.batch_size}, {world} process(es))") from None
+            batches_this_epoch = 0
             epoch += 1
             train.set_epoch(epoch)
             data_iter = iter(loader)
             continue
+        lr = opt.param_groups[0]["lr"]  # what this step uses (the scheduler then sets the next one)
         with acc.accumulate(model):
             loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
             acc.backward(loss)
@@ -290,7 +421,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
             continue
         step += 1
         loss_all = float(acc.gather_for_metrics(loss.detach()[None]).mean())
-        history.append({"step": step, "loss": loss_all, "lr": sched.get_last_lr()[0]})
+        history.append({"step": step, "loss": loss_all, "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.3f}")
         if args.eval_every and step % args.eval_every == 0:
@@ -342,5 +473,9 @@ def _skip(loader, n):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except UsageError as err:
+        p.error(str(err))
     return 0

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Long-context evaluation of one model under several attention arms, side by side:
 (a) held-out perplexity vs context length, (b) passkey retrieval vs length and depth, the repeated-passage
-copy probe, (c) optional lm-eval tasks. Writes results.json and results.png to --out.
+copy probe, (c) optional lm-eval tasks. Writes results.json (with the environment: device, versions, threads)
+and results.png to --out. Every arm and list option is checked before the model is loaded; a progress bar
+counts the arms (--quiet: none).
 
     python scripts/eval_long_context.py --model embedded \\
         --arms exact poly:local_window=64 band:local_window=64 conv:conv_k=16 \\
@@ -34,28 +36,58 @@ def main(argv=None) -> int:
     p.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="runs/eval", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    import torch
+    from tqdm.auto import tqdm
+
     from hf_fastattn import evaluation
+    from hf_fastattn.bench import environment
     from hf_fastattn.data import encode
     from hf_fastattn.loading import load_model, read_text, tokenize
+
+    # everything checkable is checked before the model is loaded and the first arm runs
+    arms = []
+    for spec in args.arms:
+        try:
+            arms.append(evaluation.parse_arm(spec))
+        except (OSError, ValueError, TypeError) as err:  # unknown option / value, a plan file missing or invalid
+            p.error(f"--arms {spec!r}: {err}")
+    labels = [label for label, _ in arms]
+    if len(set(labels)) != len(labels):
+        p.error(f"--arms: an arm is given twice: {' '.join(args.arms)}")
+    lengths = _ints(p, "--lengths", args.lengths)
+    distances = _ints(p, "--copy-distances", args.copy_distances)
+    passkey_lengths = _ints(p, "--passkey-lengths", args.passkey_lengths) if args.passkey_lengths else []
+    try:
+        depths = [float(x) for x in args.depths.split(",") if x]
+    except ValueError:
+        p.error(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
+    if passkey_lengths and (not depths or not all(0 <= d <= 1 for d in depths)):
+        p.error(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
+    if args.text and not Path(args.text).is_file():
+        p.error(f"--text: no such file: {args.text}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device!r}: {err}")
 
     model, tokenizer = load_model(args.model, device=args.device)
     model.eval()
     text = read_text(args.text)
     ids = tokenize(tokenizer, text)
     source = encode(text)
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    results = {"model": args.model, "arms": {}, "args": vars(args)}
-    for spec in args.arms:
-        label, options = evaluation.parse_arm(spec)
+    results = {"model": args.model, "env": environment(device), "arms": {}, "args": vars(args)}
+    bar = tqdm(arms, desc="arms", unit="arm", disable=args.quiet)
+    for label, options in bar:
+        bar.set_postfix_str(label)
         evaluation.use_arm(model, options)
         t0 = time.time()
         arm = {"perplexity": evaluation.perplexity_vs_length(model, ids, lengths, args.tokens)}
-        arm["copy"] = [evaluation.copy_probe(model, source, d + 128, d) for d in map(int, args.copy_distances.split(","))]
-        if args.passkey_lengths:
-            arm["passkey"] = evaluation.passkey(model, source, [int(x) for x in args.passkey_lengths.split(",")],
-                                                [float(x) for x in args.depths.split(",")], args.trials)
+        arm["copy"] = [evaluation.copy_probe(model, source, d + 128, d) for d in distances]
+        if passkey_lengths:
+            arm["passkey"] = evaluation.passkey(model, source, passkey_lengths, depths, args.trials)
         if args.lm_eval_tasks:
             try:
                 arm["lm_eval"] = evaluation.lm_eval_tasks(model, tokenizer, args.lm_eval_tasks.split(","), args.lm_eval_limit)
@@ -65,14 +97,26 @@ def main(argv=None) -> int:
         results["arms"][label] = arm
         ppl = "  ".join(f"{n}: {v['perplexity']:.3f}" for n, v in arm["perplexity"].items())
         copy = "  ".join(f"d={c['distance']}: {c['first']:.2f} -> {c['second']:.2f}" for c in arm["copy"])
-        print(f"{label:<28} ppl {ppl} | copy 1st -> 2nd {copy}"
-              + (f" | passkey {sum(arm['passkey'].values()) / len(arm['passkey']):.0%}" if arm.get("passkey") else ""))
+        keys = f" | passkey {sum(arm['passkey'].values()) / len(arm['passkey']):.0%}" if arm.get("passkey") else ""
+        bar.write(f"{label:<28} ppl {ppl} | copy 1st -> 2nd {copy}{keys}", file=sys.stdout)
+    bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     evaluation.plot(json.loads((out / "results.json").read_text()), out / "results.png")
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
     return 0
+
+
+def _ints(p, option: str, text: str) -> list[int]:
+    """A comma list of positive integers, or an argparse error naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        p.error(f"{option} must be a comma list of positive integers, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from hf_fastattn.experiment import ExperimentConfig, format_table, run_experiment, save
+from hf_fastattn.experiment import ExperimentConfig, check_config, format_table, run_experiment, save
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,11 @@ def main(argv=None) -> int:
     cfg.arms = cfg.arms.split(",") if isinstance(cfg.arms, str) else cfg.arms
     if isinstance(cfg.passkey_depths, str):
         cfg.passkey_depths = tuple(float(x) for x in cfg.passkey_depths.split(","))
-    results = run_experiment(cfg)
+    try:
+        check_config(cfg)  # bad arms or a too short --seq-len before any work
+    except ValueError as err:
+        p.error(str(err))
+    results = run_experiment(cfg, out=Path(args.out))
     print()
     print(format_table(results))
     save(results, Path(args.out))

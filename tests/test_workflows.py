@@ -65,7 +65,10 @@ def test_finetune_lora_on_a_fused_qkv_family(tmp_path):
 
     model, _ = load_model("tiny:phi3")
     assert lora_targets(model, "attention") == ["o_proj", "qkv_proj"]
-    assert lora_targets(model, "q_proj,,v_proj") == ["q_proj", "v_proj"]
+    assert lora_targets(model, "qkv_proj,,o_proj") == ["qkv_proj", "o_proj"]
+    with pytest.raises(ValueError, match="--lora-targets: Phi3ForCausalLM has no modules named q_proj, v_proj; its "
+                                         "Linear layers are down_proj, gate_up_proj, lm_head, o_proj, qkv_proj"):
+        lora_targets(model, "q_proj,,v_proj")  # peft would adapt nothing
     assert lora_targets(model, "all-linear") == "all-linear"
     m = _finetune(tmp_path, "--model", "tiny:phi3", "--lora", "--steps", "2", "--seq-len", "160", "--eval-every", "0")
     assert m["steps"] == 2 and m["op_calls"].get("poly.backward", 0) >= 2 * 2
@@ -118,7 +121,7 @@ def test_perplexity_metric_offline():
     assert out["tokens"] == 8 and out["perplexity"] == pytest.approx(torch.tensor(12.0 / 8).exp().item())
 
 
-def test_eval_long_context_script(tmp_path):
+def test_eval_long_context_script(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import eval_long_context
 
@@ -127,6 +130,10 @@ def test_eval_long_context_script(tmp_path):
                             "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["arms"]) == {"exact", "band:local_window=32"}
+    env = res["env"]  # bench.environment: where and with what the numbers were measured
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and env["cpu_threads"] >= 1
+    err = capsys.readouterr().err
+    assert "arms: 100%" in err and "2/2" in err  # the progress bar over the arms
     for arm in res["arms"].values():
         assert set(arm["perplexity"]) == {"128", "256"} and arm["perplexity"]["256"]["perplexity"] > 1
         assert arm["copy"][0]["distance"] == 200 and "256@0.2" in arm["passkey"]
@@ -257,9 +264,23 @@ def test_parse_arm_options():
 def test_cli_demo(tmp_path):
     # 160 > the default chunk of 128: the poly arm runs the chunked op and its custom backward
     out = _cli("demo", "--steps", "2", "--seq-len", "160", "--eval-tokens", "1024", "--out", str(tmp_path))
-    assert "plumbing check" in out and "ppl@160" in out and "poly" in out and "band" in out
+    diff = float(re.search(r"plumbing check on embedded: fastattn\(exact\) vs eager, max \|logit diff\| = (\S+)",
+                           out)[1])
+    assert diff < 1e-4  # exact is exact
     res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["arms"]) == ["exact", "poly", "band"]
+    assert re.search(r"^arm +\| +ppl@160 \| +ppl@320 \| +copy 2nd @64 \| +passkey$", out, re.M)
+    for arm, r in res["arms"].items():  # each table row prints that arm's own before -> after numbers
+        b, a = r["before"], r["after"]
+        row = (f"{arm:<6} | {b['ppl']:>7.3f} -> {a['ppl']:>6.3f} | {b['ppl_long']:>7.3f} -> {a['ppl_long']:>6.3f} | "
+               f"{b['copy_second']:>8.2f} -> {a['copy_second']:>6.2f} | {b['passkey']:>4.0%} -> {a['passkey']:>4.0%}")
+        assert re.search(rf"^{re.escape(row)}$", out, re.M), row
+        assert 1 < a["ppl"] < 256 and r["train_loss"] and len(r["train_loss"]) == 2
     assert res["arms"]["poly"]["op_calls"].get("poly.backward", 0) > 0
+    assert res["arms"]["band"]["options"] == {"method": "band", "local_window": 64}
+    assert f"copy probe at distance 64 >> W=64: poly {res['arms']['poly']['after']['copy_second']:.2f} vs band " \
+           f"{res['arms']['band']['after']['copy_second']:.2f}" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ft-")) == ["ft-band", "ft-exact", "ft-poly"]
 
 
 def test_poly_targets_script(capsys):
