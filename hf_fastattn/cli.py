@@ -8,18 +8,25 @@ import os
 import sys
 
 
-class UsageError(Exception):
-    """A bad option found by a command; `main` reports it as its subcommand's argparse usage error."""
+class UsageError(ValueError):
+    """A bad option found by a command (here or in finetune); the command's `main` reports it as its argparse
+    usage error."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+def positive(kind=float):
+    """argparse type: a positive finite number of `kind` (int or float), else a usage error naming the value."""
+    what = "integer" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _load(option: str, name: str, **kw):
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batches", type=int, default=2, help="batches to diagnose (and to check the plan on)")
     d.add_argument("--settings", default="", help="comma list of settings to measure (default: all)")
     d.add_argument("--no-depth", action="store_true", help="skip the end-to-end depth sweep")
-    d.add_argument("--plan", type=_positive_float, default=None, metavar="BUDGET",
+    d.add_argument("--plan", type=positive(float), default=None, metavar="BUDGET",
                    help="plan per head within this relative error (a positive number, e.g. 0.1)")
     d.add_argument("--plan-length", type=int, default=None, help="sequence length the plan's costs are compared at")
     d.add_argument("--save", default=None, help="save the planned model here (needs --plan)")

@@ -256,9 +256,7 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
     real_rows = int(rows.sum())
     ent = ent_sum / max(real_rows, 1)
     q_inf = math.sqrt(s) * q.abs().masked_fill(~rows, 0).amax((0, 2, 3))
-    keys = torch.ones(b, 1, n, 1, dtype=torch.bool, device=q.device) if kv_valid is None else \
-        kv_valid[:, None, :, None].bool()  # real keys
-    k_inf = math.sqrt(s) * kr.abs().masked_fill(~keys, 0).amax((0, 2, 3))
+    k_inf = math.sqrt(s) * kr.abs().masked_fill(~rows, 0).amax((0, 2, 3))  # self-attention: real rows = real keys
     sigma = guard_stats(q, k, s, poly_coefficients(2), kv_valid).sigma  # over real tokens
     sums = {}
     ref_sq = (ref.masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
@@ -289,16 +287,17 @@ def layer_stats(q, k, v, kv_valid, opts, settings: dict, layer: int) -> tuple[li
 
 
 # ------------------------------------------------------------------------------------------- diagnose
-def _lm_loss(model, batch):
+def _lm_forward(model, batch):
+    """The model's output on `batch` with its next-token loss (padding not scored): logits and loss in one pass."""
     ids = batch["input_ids"]
     labels = ids.clone()
     if batch.get("attention_mask") is not None:
         labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-    return model(**batch, labels=labels, use_cache=False).loss
+    return model(**batch, labels=labels, use_cache=False)
 
 
 def _scored_tokens(batch) -> int:
-    """The number of tokens `_lm_loss` averages over (labels shifted by one, padding left out)."""
+    """The number of tokens `_lm_forward`'s loss averages over (labels shifted by one, padding left out)."""
     mask = batch.get("attention_mask")
     if mask is None:
         ids = batch["input_ids"]
@@ -331,7 +330,7 @@ def depth_sweep(model, batches, settings: dict, progress=None) -> dict:
         for batch, w in zip(batches, weights):
             if w == 0:
                 continue
-            part = _lm_loss(model, batch) * (w / total)
+            part = _lm_forward(model, batch).loss * (w / total)
             part.backward()  # gradients accumulate: that of the pooled loss
             loss += part.item()
         return loss, _grads(model)
@@ -524,11 +523,12 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             capture.layers.clear()
             _with_options(model, {"method": "exact"})
-            logits_ref = model(**batch, use_cache=False).logits
+            out_ref = _lm_forward(model, batch)
+            logits_ref = out_ref.logits
             w = _scored_tokens(batch)  # losses are token means: weight each batch's by its scored tokens
             scored += w
             if w:
-                loss_ref += w * float(_lm_loss(model, batch))
+                loss_ref += w * float(out_ref.loss)
             for layer, (q, k, v, kv_valid, opts) in capture.layers.items():
                 heads = p["layers"].get(str(layer))
                 if heads is None or opts["window"] is not None:
@@ -545,9 +545,10 @@ def evaluate_plan(model, p: dict, data, *, max_batches=None) -> dict:
                 err_sq[layer] = err_sq.get(layer, 0) + ((out - ref).masked_fill(~rows, 0.0) ** 2).sum((0, 2, 3))
             capture.layers.clear()
             configure(model, replace=True, guard="off", plan=p)
-            logits = model(**batch, use_cache=False).logits
+            out_plan = _lm_forward(model, batch)
+            logits = out_plan.logits
             if w:
-                loss_plan += w * float(_lm_loss(model, batch))
+                loss_plan += w * float(out_plan.loss)
             logit_num += float((logits - logits_ref).float().norm() ** 2)
             logit_den += float(logits_ref.float().norm() ** 2)
     finally:

@@ -29,19 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class UsageError(ValueError):
-    """A bad command-line option found while running; `main` reports it as an argparse usage error."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from .cli import UsageError, positive
 
 FASTATTN_OPTIONS = ("method", "degree", "local_window", "chunk_size", "guard", "poly_coeffs", "fit_range",
                     "conv_k", "conv_placement", "kernel")
@@ -67,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out files (default: the embedded held-out corpus; with --data, its last 5 %% of rows, "
                         "held out of training)")
     p.add_argument("--copy-fraction", type=float, default=0.0, help="share of training rows with a repeated passage (embedded data)")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per packed row")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per process per micro-batch")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=positive(int), default=512, help="tokens per packed row")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="rows per process per micro-batch")
+    p.add_argument("--grad-accum", type=positive(int), default=1, help="gradient accumulation steps")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps (linear from lr/warmup at the first step)")
