@@ -21,6 +21,7 @@ anyway and specialised on float values, so a layer recompiled on every call unti
 from __future__ import annotations
 
 import warnings
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -61,16 +62,23 @@ def _run_band(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     return exact_attention(q, k, v, scale, causal, w, softcap, kv_valid, cfg.exact_block, sinks)
 
 
-_warned: set = set()
+class _NoModule:  # stands for the layer of an op called without one (weak-referenceable, lives forever)
+    pass
 
 
-def _warn_once(key, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
+_NO_MODULE = _NoModule()
+# attention layer -> keys already warned about: once per layer of each model (a second model warns again)
+_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _warn_once(module, key, message: str) -> None:
+    seen = _warned.setdefault(_NO_MODULE if module is None else module, set())
+    if key not in seen:
+        seen.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _guard_allows(method: str, stats, cfg, layer_idx) -> bool:
+def _guard_allows(method: str, stats, cfg, layer_idx, module=None) -> bool:
     """Apply `cfg.guard` to the predicted error; False means: run exact attention for this call."""
     bad = [h for h, e in enumerate(stats.predicted) if e > cfg.guard_tolerance]
     if not bad:
@@ -79,29 +87,30 @@ def _guard_allows(method: str, stats, cfg, layer_idx) -> bool:
         f"fastattn {method} (layer {layer_idx}): predicted relative output error {stats.worst:.1%} exceeds "
         f"guard_tolerance {cfg.guard_tolerance:.1%} on {len(bad)}/{len(stats.predicted)} heads "
         f"[{stats.describe(bad[:4])}{', ...' if len(bad) > 4 else ''}]. The polynomial method needs small logits "
-        "(|s q.k| = o(sqrt(log n))): use a local_window, a higher degree, method='exact', or fine-tune through it."
+        "(|s q.k| = o(sqrt(log n))) and, against float rounding, no large coordinate products cancelling in q.k: "
+        "use a local_window, a higher degree (if the logits are the cause), method='exact', or fine-tune through it."
     )
     if cfg.guard == "error":
         raise ValueError(message + " (guard='error')")
     if cfg.guard == "exact":
-        _warn_once(("exact", layer_idx, method), message + " Running exact attention instead (guard='exact').")
+        _warn_once(module, ("exact", method), message + " Running exact attention instead (guard='exact').")
         return False
-    _warn_once(("warn", layer_idx, method), message + " (guard='warn': shown once per layer)")
+    _warn_once(module, ("warn", method), message + " (guard='warn': shown once per layer)")
     return True
 
 
-def _finite_or_exact(out, method, layer_idx, fallback):
+def _finite_or_exact(out, method, layer_idx, fallback, module=None):
     """NaN/Inf never leave an approximate op: warn and recompute exactly."""
     if torch.isfinite(out).all():
         return out
-    _warn_once(("nonfinite", layer_idx, method), f"fastattn {method} (layer {layer_idx}) produced non-finite values; "
+    _warn_once(module, ("nonfinite", method), f"fastattn {method} (layer {layer_idx}) produced non-finite values; "
                "falling back to exact attention for such calls")
     return fallback()
 
 
 @register_method("poly")
 def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
-    from .ops.poly import guard_stats, poly_attention, poly_coefficients
+    from .ops.poly import guard_stats, path_roundoff, poly_attention, poly_coefficients
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
@@ -111,14 +120,16 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     if window is not None or cfg.local_window >= k.shape[2]:
         return exact()
     coeffs = poly_coefficients(cfg.degree, cfg.poly_coeffs, cfg.fit_range)
-    if cfg.guard != "off" and not _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid), cfg, layer_idx):
-        return exact()
+    if cfg.guard != "off":
+        u = path_roundoff(q, v, cfg.degree, cfg.chunk_size, cfg.kernel)
+        if not _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid, u), cfg, layer_idx, module):
+            return exact()
     out = poly_attention(
         q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
         save_states=cfg.poly_save_states, sinks=sinks,
     )
-    return _finite_or_exact(out, "poly", layer_idx, exact)
+    return _finite_or_exact(out, "poly", layer_idx, exact, module)
 
 
 _CONV_STATE = "_fastattn_conv_state"
@@ -140,7 +151,7 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     if nq < k.shape[2]:
         state = getattr(module, _CONV_STATE, None)
         if not state_matches(state, k, kv_valid, nq):
-            _warn_once(("conv-nostate", layer_idx), f"fastattn conv (layer {layer_idx}): no conv basis from a prefill of "
+            _warn_once(module, "conv-nostate", f"fastattn conv (layer {layer_idx}): no conv basis from a prefill of "
                        "this sequence (the cache was filled elsewhere, or beams were reordered); these rows are "
                        "computed exactly")
             return exact()
@@ -151,7 +162,7 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
                                     return_state=True, sinks=sinks)
         rows = q.shape[0] * q.shape[1] * nq
         if state.direct_rows > 0.1 * rows:
-            _warn_once(("conv-direct", layer_idx), f"fastattn conv (layer {layer_idx}): {state.direct_rows}/{rows} rows "
+            _warn_once(module, "conv-direct", f"fastattn conv (layer {layer_idx}): {state.direct_rows}/{rows} rows "
                        "were below the FFT's error floor (logit range too wide for the exp domain) and were computed "
                        "directly, which costs O(N D) each; diagnose this layer and prefer poly/exact for it")
     if module is not None:
@@ -159,7 +170,7 @@ def _run_conv(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
             module.__dict__.pop(_CONV_STATE, None)  # training: nothing to extend, keep no references
         else:
             module.__dict__[_CONV_STATE] = state
-    return _finite_or_exact(out, "conv", layer_idx, exact)
+    return _finite_or_exact(out, "conv", layer_idx, exact, module)
 
 
 # ----------------------------------------------------------------------------------------------- mask
@@ -360,7 +371,10 @@ def _segment_ids(kwargs: dict, batch: int, n: int, device) -> torch.Tensor | Non
     pos = pos.to(device).expand(batch, -1)
     if pos.shape[1] != n:
         return None
-    restarts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
+    # FlashAttention's convention (transformers' prepare_fa_kwargs_from_position_ids): a sequence starts where the
+    # row's first position comes again. A gap is not a new sequence (PoSE-style skipped positions, deleted tokens).
+    restarts = pos == pos.amin(-1, keepdim=True)
+    restarts[:, 0] = False
     seg = restarts.cumsum(-1)  # 0 for the first sequence of every row
     return seg if bool((seg[:, -1] > 0).any()) else None
 
@@ -473,6 +487,12 @@ def fastattn_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface. query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # the inputs in autocast's dtype, as SDPA gets them; inside, our precisions
+        dt = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return fastattn_attention_forward(module, query.to(dt), key.to(dt), value.to(dt), attention_mask, dropout,
+                                              scaling, sliding_window, softcap, **kwargs)
     if dropout and dropout > 0:
         raise ValueError(
             f"fastattn does not implement attention dropout (got dropout={dropout}); "

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=positive(int), default=1, help="gradient accumulation steps")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="warm-up steps (linear from lr/warmup at the first step)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps (linear from lr/warmup at the first step; default: a tenth of --steps, at most 10)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (accelerate mixed precision)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present (implied without one)")
@@ -266,6 +269,13 @@ def check_resume(resume) -> None:
 
 def check_args(args) -> None:
     """The options checkable before any model or data is loaded (UsageError)."""
+    if args.warmup is None:
+        args.warmup = min(10, args.steps // 10)
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0; got {args.warmup}")
+    if args.warmup > args.steps:
+        warnings.warn(f"--warmup {args.warmup} is longer than --steps {args.steps}: the learning rate peaks at "
+                      f"{args.steps / args.warmup:.0%} of --lr", RuntimeWarning, stacklevel=2)
     if args.plan:
         read_plan(args.plan)
     check_resume(args.resume)
@@ -299,6 +309,16 @@ def lr_lambda(warmup: int, steps: int):
 def _latest_checkpoint(out: Path):
     ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
+
+
+def _earlier_metrics(out: Path, step: int) -> tuple[list, list]:
+    """The train and eval records up to `step` of the run being resumed (its metrics.json, if it wrote one)."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+    return ([r for r in old.get("train", []) if r["step"] <= step],
+            [r for r in old.get("eval", []) if r["step"] <= step])
 
 
 def run(args, fastattn_override: dict | None = None) -> dict:
@@ -345,7 +365,10 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
-    model, opt, loader, eval_loader, sched = acc.prepare(model, opt, loader, eval_loader, sched)
+    # not prepared: accelerate's wrapper steps a scheduler once per process per optimizer step (2 processes ran the
+    # schedule at twice the speed); stepped below once per optimizer step, and saved with the checkpoints
+    model, opt, loader, eval_loader = acc.prepare(model, opt, loader, eval_loader)
+    acc.register_for_checkpointing(sched)
 
     step, history, evals = 0, [], []
     resume = args.resume
@@ -355,20 +378,26 @@ def run(args, fastattn_override: dict | None = None) -> dict:
         acc.load_state(str(resume))
         step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
         acc.print(f"resumed from {resume} at step {step}")
+        history, evals = _earlier_metrics(out, step)
     world = acc.num_processes
     acc.print(f"world size {world} ({acc.distributed_type}), {len(train)} training rows of {args.seq_len} tokens, "
               f"attn={args.attn} {options if args.attn == 'fastattn' else ''}")
     stats.reset()
 
     def evaluate():
+        """Mean loss per row (rows have equal lengths: per token) over the first --eval-batches batches of the eval
+        set, whatever the number of processes (each reads every world-th batch); eval forwards are not counted."""
         model.eval()
-        losses = []
+        losses, counts = [], stats.COUNTS.copy()
         with torch.no_grad():
             for i, batch in enumerate(eval_loader):
-                if i >= args.eval_batches:
+                if i >= math.ceil(args.eval_batches / world):
                     break
-                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
-                losses.append(acc.gather_for_metrics(loss.detach()[None]))
+                ids = batch["input_ids"]
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                losses.append(acc.gather_for_metrics(loss.detach().expand(ids.shape[0])))  # one entry per row
+        stats.COUNTS.clear()
+        stats.COUNTS.update(counts)
         model.train()
         return float(torch.cat(losses).mean()) if losses else float("nan")
 
@@ -382,7 +411,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     train.set_epoch(epoch)
     data_iter = iter(_skip(loader, skip))
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    batches_this_epoch = skip
+    batches_this_epoch, micro = skip, []
     while step < last:
         try:
             batch = next(data_iter)
@@ -400,15 +429,18 @@ def run(args, fastattn_override: dict | None = None) -> dict:
         with acc.accumulate(model):
             loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
             acc.backward(loss)
+            micro.append(loss.detach())
             if acc.sync_gradients:
                 acc.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
+            if acc.sync_gradients:
+                sched.step()
             opt.zero_grad(set_to_none=True)
         if not acc.sync_gradients:
             continue
         step += 1
-        loss_all = float(acc.gather_for_metrics(loss.detach()[None]).mean())
+        loss_all = float(acc.gather_for_metrics(torch.stack(micro).mean()[None]).mean())  # over the accumulation
+        micro = []
         history.append({"step": step, "loss": loss_all, "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.3f}")

@@ -140,6 +140,18 @@ def test_packed_rows_stay_apart(pair, use_cache):
             assert (alone - packed[row, lo:hi]).abs().max().item() < ATOL
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_position_gaps_are_not_packing(pair, use_cache):
+    """position_ids with a gap (PoSE-style skipped positions) and an attention_mask: one sequence, as in eager
+    (transformers packs only without a mask and a cache). The backend split at the gap before (logits 3.0 off)."""
+    ref, new = pair
+    x = _tokens(2, 24, 7)
+    pos = torch.cat([torch.arange(10), torch.arange(15, 29)])[None].expand(2, -1)
+    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos, use_cache=use_cache)
+    with torch.no_grad():
+        assert (ref(**kw).logits - new(**kw).logits).abs().max().item() < ATOL
+
+
 def test_generate_dynamic_cache_left_padding(pair):
     ref, new = pair
     x = _tokens(2, 2 * WINDOW + 1, 5)

@@ -123,6 +123,55 @@ def test_guard_warns_once_per_layer(options):
     layers = [str(w.message) for w in caught if "guard='warn'" in str(w.message)]
     assert len(layers) == model.config.num_hidden_layers
     assert "layer 0" in layers[0] and "|x|<=" in layers[0]
+    # once per layer of each model: a second model in the same process warns too
+    _, other = model_pair(tiny_config("llama"))
+    hf_fastattn.configure(other, method="poly", chunk_size=8, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other(input_ids=_tokens(1, N, 6))
+    assert sum("guard='warn'" in str(w.message) for w in caught) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("method", ["exact", "poly"])
+def test_autocast_reaches_the_ops_as_16_bit_inputs(method):
+    """Under torch.autocast (accelerate's bf16 mixed precision) the methods get q, k, v in bf16, as SDPA would, and
+    run with autocast off, so that their float32 accumulation holds (autocast would make every matmul inside bf16);
+    the outputs equal the same call without autocast on bf16 inputs."""
+    _, model = _poly_pair("llama", factor=0.3, local_window=4)
+    hf_fastattn.configure(model, method=method)
+    seen, real = [], backend._METHODS[method]
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kw)
+
+    x = _tokens(1, N, 13)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setitem(backend._METHODS, method, spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=x)
+    assert seen and all(s == (torch.bfloat16,) * 3 + (False,) for s in seen)
+    q, k, v = (torch.randn(1, 4, 40, 16) for _ in range(3))
+    attn = model.model.layers[0].self_attn
+    plain = backend.fastattn_attention_forward(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), None)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(backend.fastattn_attention_forward(attn, q, k, v, None)[0], plain)
+
+
+def test_guard_catches_float_rounding_with_small_logits():
+    """Degree 4 on heads whose logits are small but whose coordinate products (+-100) cancel: the torch chunk path's
+    float32 rounding leaves nothing of the denominator (outputs many times |v|; ops test). The guard's rounding term
+    sends the call to exact attention, with a warning that names it."""
+    backend._warned.clear()
+    sign = torch.tensor([1.0, -1.0])
+    q = torch.ones(1, 1, 64, 2) + 1e-3 * torch.randn(1, 1, 64, 2)
+    k = sign.repeat(1, 1, 64, 1) + 1e-3 * torch.randn(1, 1, 64, 2)
+    v = torch.randn(1, 1, 64, 4)
+    cfg = FastAttnConfig(method="poly", degree=4, chunk_size=8, guard="exact", kernel="torch")
+    common = dict(scale=100.0, causal=True, window=None, softcap=None, kv_valid=None, layer_idx=0)
+    with pytest.warns(RuntimeWarning, match="float rounding bound"):
+        out = backend._METHODS["poly"](q, k, v, cfg=cfg, **common)
+    assert torch.allclose(out, naive_attention(q, k, v, 100.0), atol=1e-5)
 
 
 def test_guard_off_and_small_logits_are_silent():

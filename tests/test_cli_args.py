@@ -113,7 +113,7 @@ def test_finetune_first_step_moves_the_weights(tmp_path):
     recorded lr is the one each step used."""
     import argparse
 
-    from hf_fastattn.finetune import add_arguments, run
+    from hf_fastattn.finetune import add_arguments, check_args, run
     from hf_fastattn.loading import load_model
 
     path, _ = _text(tmp_path)
@@ -121,7 +121,8 @@ def test_finetune_first_step_moves_the_weights(tmp_path):
     add_arguments(p)
     args = p.parse_args(_ft_argv(tmp_path, "--data", path, "--eval-data", path, "--steps", "1", "--warmup", "4",
                                  "--lr", "1e-3"))
-    m = run(args)
+    with pytest.warns(RuntimeWarning, match="--warmup 4 is longer than --steps 1: the learning rate peaks at 25% of"):
+        m = run(args)
     fresh, _ = load_model("embedded")
     moved = max((a - b).abs().max().item() for a, b in zip(m["model"].parameters(), fresh.parameters()))
     assert moved > 1e-5  # Adam's first step moves every weight with a gradient by about lr
@@ -132,6 +133,9 @@ def test_finetune_first_step_moves_the_weights(tmp_path):
     assert [factor(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert factor(8) == pytest.approx(0.5) and factor(12) == 0.0
     assert lr_lambda(0, 10)(0) == 1.0  # no warm-up: the peak at once
+    default = p.parse_args(_ft_argv(tmp_path, "--steps", "40"))
+    check_args(default)
+    assert default.warmup == 4  # a tenth of --steps, at most 10 (10 before: longer than a short run)
 
 
 @needs_embedded

@@ -231,6 +231,53 @@ def test_decode_extends_the_same_approximation(placement, softcap):
         pos = nxt
 
 
+@pytest.mark.parametrize("placement", ["even", "search", "geometric"])
+def test_decode_after_a_short_prefill_keeps_k_bases(placement):
+    """A prefill shorter than k made every column a basis (exact attention). Decoding adds the new columns as bases
+    until k are held, so rows of at most k tokens stay exact attention (before: the new columns joined the last
+    prefill segment, 0.14-0.38 off exact at 6-8 tokens with k = 16); past k the rows equal the conv approximation
+    with bases at columns 0..k-1. Left padding, a chunked step that crosses k, and sinks."""
+    kb, scale = 8, 0.4
+    q, k, v = _qkv(2, 4, 2, 16, 8)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, :2] = False  # row 1 has 2 tokens fewer
+    sinks = torch.randn(4, dtype=F64)
+    _, state = conv_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], scale, k_bases=kb, placement=placement,
+                              kv_valid=valid[:, :5], return_state=True, sinks=sinks)
+    pos, beyond = 5, []
+    for step in (1, 2, 3, 1, 4):  # row 0 reaches k = 8 tokens at slot 8; row 1 at slot 10
+        nxt = pos + step
+        assert state_matches(state, k[:, :, :nxt], valid[:, :nxt], step)
+        out, state = conv_decode(q[:, :, pos:nxt], k[:, :, :nxt], v[:, :, :nxt], scale, state, kv_valid=valid[:, :nxt],
+                                 sinks=sinks)
+        for b in range(2):
+            keep = valid[b, :nxt].nonzero()[:, 0]
+            qc, kc, vc = (t[b : b + 1, :, keep] for t in (q, k, v))
+            exact = naive_attention(qc, kc, vc, scale, sinks=sinks)[:, :, -step:]
+            starts = torch.arange(kb)[None, None].clamp(max=len(keep) - 1)
+            cum = ScoreColumns(qc, kc, scale, torch.tensor([len(keep)])).columns(starts)
+            approx = naive_conv_attention(vc, starts, cum, 4, sinks=sinks)[:, :, -step:]
+            assert _rel(out[b : b + 1], approx) < 1e-10
+            within = len(keep) - step + torch.arange(step) < kb  # rows that see at most k tokens
+            if within.any():
+                assert _rel(out[b : b + 1, :, within], exact[:, :, within]) < 1e-10
+            if not within.all():
+                beyond.append(_rel(out[b : b + 1, :, ~within], exact[:, :, ~within]))
+        pos = nxt
+    assert min(beyond) > 1e-3  # past k the approximation is in use (the test can tell the two apart)
+
+
+def test_autocast_changes_nothing():
+    """Under bf16 autocast (accelerate's mixed precision) the op runs as without it: wide logits send rows to the
+    direct path, whose product autocast made bf16 (index_put into the float32 output raised), and the FFT inputs
+    and scores keep their own precisions."""
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, 2, 64, 16, std=3.0, dtype=torch.float32))
+    plain, state = conv_attention(q, k, v, 0.25, k_bases=4, return_state=True)
+    assert state.direct_rows > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(conv_attention(q, k, v, 0.25, k_bases=4), plain)
+
+
 def test_state_rejects_a_different_history():
     q, k, v = _qkv(1, 2, 2, 20, 8)
     _, state = conv_attention(q[:, :, :19], k[:, :, :19], v[:, :, :19], 0.3, k_bases=4, return_state=True)

@@ -385,6 +385,70 @@ def test_guard_statistics_per_head_with_gqa_and_padding():
         assert st.sigma[head] == pytest.approx(max(sigmas).item(), rel=1e-5)
 
 
+def _cancelling(n, d, logit_scale, noise=1e-3):
+    """Heads whose logits are small while every coordinate product is large: q ~ a (1, 1, ...), k ~ a (1, -1, ...)
+    (an outlier-dimension pattern), so the feature expansion cancels terms of size (s a^2 d)^t to leave P(x) ~ 1."""
+    sign = torch.tensor([1.0, -1.0]).repeat(d // 2)
+    q = torch.ones(1, 1, n, d) + noise * torch.randn(1, 1, n, d)
+    k = sign.repeat(1, 1, n, 1) + noise * torch.randn(1, 1, n, d)
+    return q, k, torch.randn(1, 1, n, 4), logit_scale / d
+
+
+def test_guard_predicts_float_rounding_of_cancelling_features():
+    """Degree 4, float32 torch path, logits |x| < 1 but s q_a k_a = +-100: the expansion's terms (~7e7 per key)
+    cancel to P ~ 1, and rounding leaves nothing of the denominator: the measured output is many times |v|. The
+    Gaussian-logit model alone predicts a tiny error; the rounding term (u abs_poly(B), u = 2^-24 on this path)
+    flags the head. On random heads of the same size the rounding term changes nothing."""
+    from hf_fastattn.ops.poly import path_roundoff
+    from hf_fastattn.ops.poly.guard import ROUNDING_TYPICAL
+
+    q, k, v, s = _cancelling(64, 2, 200.0)
+    c = poly_coefficients(4)
+    x = s * (q.double() @ k.double().transpose(-1, -2))
+    assert x.abs().max() < 1.0
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), s, c, 0)
+    out = poly_attention(q, k, v, s, degree=4, chunk=8, kernel="torch")
+    measured = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert measured > 1.0  # the failure the rounding term exists for
+
+    u = path_roundoff(q, v, 4, 8, "torch")
+    assert u == 2.0**-24
+    plain, rounded = guard_stats(q, k, s, c), guard_stats(q, k, s, c, roundoff=u)
+    assert plain.worst < 1e-3  # the logit model cannot see it
+    assert rounded.worst > 0.05 and rounded.rounding[0] > 1.0
+    assert "float rounding bound" in rounded.describe([0])
+
+    # moderate cancellation: predicted within 10x of the measured error (the bound / ROUNDING_TYPICAL calibration)
+    q, k, v, s = _cancelling(64, 16, 100.0, noise=1e-2)
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), s, c, 0)
+    out = poly_attention(q, k, v, s, degree=4, chunk=16, kernel="torch")
+    measured = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    predicted = guard_stats(q, k, s, c, roundoff=u).worst
+    assert measured / 10 < predicted < measured * 10, (measured, predicted)
+
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16, dtype=torch.float32)
+    for degree in (2, 4):
+        c = poly_coefficients(degree)
+        a, b = guard_stats(q, k, 0.125, c), guard_stats(q, k, 0.125, c, roundoff=u)
+        assert a.predicted == b.predicted and max(b.rounding) * ROUNDING_TYPICAL < 1e-5
+
+
+def test_path_roundoff_follows_the_dispatch(monkeypatch):
+    """The guard's unit roundoff is that of the path poly_attention takes: none for the direct form (Nq <= chunk),
+    the accumulation dtype on the torch path, bf16 states for 16-bit Triton, TF32 dots for float32 Triton on a GPU."""
+    from hf_fastattn.ops import poly as poly_mod
+
+    q, _, v = _qkv(1, 2, 2, 40, 40, 8, dtype=torch.float32)
+    assert poly_mod.path_roundoff(q, v, 2, 64, "auto") == 0.0
+    assert poly_mod.path_roundoff(q, v, 2, 16, "torch") == 2.0**-24
+    assert poly_mod.path_roundoff(q.double(), v.double(), 2, 16, "torch") == 2.0**-53
+    assert poly_mod.path_roundoff(q.bfloat16(), v.bfloat16(), 2, 16, "torch") == 2.0**-24  # features in float32
+    assert poly_mod.path_roundoff(q.bfloat16(), v.bfloat16(), 2, 16, "triton") == 2.0**-9
+    assert poly_mod.path_roundoff(q, v, 2, 16, "triton") == 2.0**-24  # CPU (interpreter): float32 dots
+    monkeypatch.setattr(poly_mod, "auto_uses_triton", lambda *args: True)  # as if on CUDA
+    assert poly_mod.path_roundoff(q.half(), v.half(), 2, 16, "auto") == 2.0**-9
+
+
 # ------------------------------------------------------------------------------- boundaries (mutation audit)
 def test_fit_that_goes_negative_is_rejected(monkeypatch):
     """poly_coefficients refuses a fit whose minimum on the real line is <= 0 (the softmax normaliser could vanish).
@@ -496,6 +560,7 @@ def test_auto_kernel_dispatch(monkeypatch):
     assert uses(True, 2, 128, torch.bfloat16) and uses(True, 2, 64, torch.float32) and uses(True, 2, 16, torch.float16)
     assert not uses(True, 2, 129, torch.bfloat16) and not uses(True, 2, 64, torch.float64)
     assert not uses(True, 4, 64, torch.bfloat16) and not uses(False, 2, 64, torch.bfloat16)
+    assert uses(True, 2, 64, torch.float32, 128) and not uses(True, 2, 64, torch.float32, 192)  # V's width counts
 
     calls = []
 
@@ -511,3 +576,17 @@ def test_auto_kernel_dispatch(monkeypatch):
     assert calls == [poly_mod._TRITON_CHUNK]
     assert torch.allclose(out, poly_attention(q, k, v, 0.3, chunk=16, band=3, kernel="torch"), atol=1e-6)
     assert calls == [poly_mod._TRITON_CHUNK]  # not retried
+
+    # The kernels refusing one call's arguments (a ValueError) is not a kernel failure: later calls still try them.
+    monkeypatch.setattr(poly_mod, "_TRITON_FAILED", [])
+    calls.clear()
+
+    def refuse(q, k, v, scale, c, band, chunk, *args, **kwargs):
+        calls.append(chunk)
+        raise ValueError("not these arguments")
+
+    monkeypatch.setattr(poly_triton, "poly_triton_attention", refuse)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="not these arguments"):
+            poly_attention(q, k, v, 0.3, chunk=16, band=3)
+    assert len(calls) == 2 and poly_mod._TRITON_FAILED == []

@@ -49,7 +49,8 @@ def test_finetune_one_process_goes_through_poly_backward(tmp_path):
     text = _small_text(tmp_path)  # train and evaluate on the same few rows: the loss must go down
     m = _finetune(tmp_path, "--steps", "6", "--data", text, "--eval-data", text)
     assert m["world_size"] == 1 and m["steps"] == 6
-    assert m["op_calls"].get("poly.backward", 0) >= 6 * 4  # every layer of every step
+    # every layer of every training step, and nothing else (the eval forwards are not counted)
+    assert m["op_calls"]["poly.backward"] == m["op_calls"]["poly.forward"] == 6 * 4
     assert [e["step"] for e in m["eval"]] == [0, 3, 6]
     assert m["eval"][-1]["eval_loss"] < m["eval"][0]["eval_loss"]  # fixed seed, fixed held-out rows: it learns
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
@@ -80,20 +81,35 @@ def test_finetune_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = _finetune(tmp_path / "full", "--steps", "4", "--no-save-model")
     _finetune(tmp_path / "cut", "--steps", "4", "--stop-at", "2", "--save-every", "2", "--no-save-model")  # preempted
     resumed = _finetune(tmp_path / "cut", "--steps", "4", "--resume", "auto", "--no-save-model")
-    assert [h["step"] for h in resumed["train"]] == [3, 4]
-    for a, b in zip(full["train"][2:], resumed["train"]):
-        assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert [h["step"] for h in resumed["train"]] == [1, 2, 3, 4]  # the records before the cut are kept
+    assert [e["step"] for e in full["eval"]] == [0, 3, 4]
+    assert [e["step"] for e in resumed["eval"]] == [0, 2, 3, 4]  # the cut run's last eval too
+    for a, b in zip(full["train"], resumed["train"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and a["lr"] == pytest.approx(b["lr"])
 
 
 def test_finetune_two_cpu_processes(tmp_path):
+    """Data parallel on 2 CPU processes: the schedule advances once per optimizer step (accelerate's prepared
+    scheduler stepped once per process: lr 0 from step 3 on) and the step-0 eval loss, over the same first
+    --eval-batches batches of the eval set, equals the single-process one."""
+    from hf_fastattn.finetune import lr_lambda, main
+
+    args = ["--model", "embedded", "--steps", "4", "--warmup", "2", "--seq-len", "128", "--batch-size", "2",
+            "--method", "poly", "--local-window", "16", "--chunk-size", "32", "--eval-every", "4", "--eval-batches",
+            "2", "--no-save-model", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "scripts" / "finetune.py"), "--model", "embedded", "--steps", "3", "--seq-len", "128",
-           "--batch-size", "2", "--method", "poly", "--local-window", "16", "--chunk-size", "32", "--eval-every", "0",
-           "--eval-batches", "1", "--no-save-model", "--quiet", "--output-dir", str(tmp_path)]
+           str(ROOT / "scripts" / "finetune.py"), *args, "--output-dir", str(tmp_path / "two")]
     subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["steps"] == 3 and m["op_calls"].get("poly.backward", 0) > 0
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 4 and m["op_calls"].get("poly.backward", 0) == 4 * 4
+    factor = lr_lambda(2, 4)
+    assert [h["lr"] for h in m["train"]] == pytest.approx([3e-4 * factor(i) for i in range(4)])
+    assert min(h["lr"] for h in m["train"]) > 0
+    main([*args, "--steps", "1", "--warmup", "1", "--output-dir", str(tmp_path / "one")])
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["world_size"] == 1
+    assert m["eval"][0]["eval_loss"] == pytest.approx(one["eval"][0]["eval_loss"], rel=1e-5)
 
 
 def test_headline_verdict_says_what_the_numbers_say():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .masks import acc_dtype, check_int, check_kv_valid, check_qkv, check_softcap, dense_mask, group_queries, key_range, repeat_kv, visible
+from .masks import acc_dtype, autocast_off, check_int, check_kv_valid, check_qkv, check_softcap, dense_mask, group_queries, key_range, repeat_kv, visible
 from .sinks import check_sinks, fold_sink, sink_grad, softmax_with_sink
 from .stats import count
 
@@ -182,6 +182,7 @@ def _fused_sdpa(q, k, v, scale):
         return None
 
 
+@autocast_off
 def exact_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -8,6 +8,7 @@ key slot `q_start + i` with `q_start = Nk - Nq`. A key slot j is visible from ro
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -64,6 +65,19 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, Hkv, N, D] -> [B, Hkv * groups, N, D]; only the quadratic references use it."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def autocast_off(op):
+    """Run an op (first argument q) with autocast disabled: the op picks its own precisions (float32 accumulation
+    for 16-bit inputs), which autocast would undo by running its matmuls in bf16 (prefix states, FFT inputs and the
+    rows computed directly rounded to 8 bits; conv's direct rows crashed on the mixed dtypes)."""
+
+    @functools.wraps(op)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return op(q, *args, **kwargs)
+
+    return run
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

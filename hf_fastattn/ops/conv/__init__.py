@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import acc_dtype, check_int, check_kv_valid, check_qkv, check_softcap
+from ..masks import acc_dtype, autocast_off, check_int, check_kv_valid, check_qkv, check_softcap
 from ..sinks import check_sinks
-from .basis import DenseColumns, ScoreColumns, placed_starts, recover, search_starts
+from .basis import DenseColumns, ScoreColumns, every_column, placed_starts, recover, search_starts
 from .fft import conv_fft_apply, direct_rows
 from .naive import conv_matrix, conv_sum, dense_scores, naive_conv_attention
 
@@ -38,6 +38,7 @@ class ConvState:
     basis_keys: torch.Tensor  # [B, Hkv, H/Hkv * k, D]: the keys at the basis columns (a consistency check)
     fingerprint: torch.Tensor  # [B, Hkv, D]: a position-weighted sum of all keys seen (consistency check)
     direct_rows: int = 0  # rows the FFT could not resolve, computed directly (numerics report)
+    k_bases: int = 0  # the basis budget k: while fewer bases are held, every column is one (see `conv_decode`)
 
 
 def _compaction(kv_valid, b, n, device):
@@ -88,6 +89,7 @@ def _check_search(placement, T, delta, eps) -> None:
                          f"noise eps = {eps:g} each); got {delta!r}")
 
 
+@autocast_off
 def conv_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,7 +144,7 @@ def conv_attention(
     if not return_state:
         return out
     state = ConvState(starts.detach(), cum.detach(), lengths, _basis_keys(kc.detach(), starts, h),
-                      _fingerprint(kc.detach(), lengths), n_direct)
+                      _fingerprint(kc.detach(), lengths), n_direct, k_bases)
     return out, state
 
 
@@ -159,11 +161,15 @@ def state_matches(state: ConvState | None, k: torch.Tensor, kv_valid: torch.Tens
     return torch.allclose(_fingerprint(kc, state.lengths), state.fingerprint, rtol=1e-6, atol=1e-6)
 
 
+@autocast_off
 def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None, sinks=None):
     """The conv-basis approximation for the last Nq rows, given the prefill's state: O(Nq N D).
 
     q: [B, H, Nq, D] (the newest positions), k, v: [B, Hkv, N, D] (the whole cache), kv_valid: bool [B, N] or
     None. Returns (out [B, H, Nq, D], new state); scores and bases stay in the accumulation dtype.
+
+    A prefill shorter than k made every column a basis (exact attention): new columns then become bases too
+    until k are held, so a sequence of at most k tokens stays exact; later columns join the last segment.
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
@@ -174,22 +180,31 @@ def conv_decode(q, k, v, scale, state: ConvState, softcap=None, kv_valid=None, s
     perm, lengths = _compaction(kv_valid, b, k.shape[2], k.device)
     kc, vc = _gather_seq(k, perm), _gather_seq(v, perm)
     old = state.lengths
-    # extend every cumulative basis by the entries of the new rows: B_u[i - s_u] = s q_i . k_{s_u}
     cap = int(lengths.max())
-    cum = state.cum
-    if cum.shape[-1] < cap:
-        cum = torch.nn.functional.pad(cum, (0, cap - cum.shape[-1]))
-    starts = state.starts.expand(b, h, -1)
-    keys = state.basis_keys.view(b, h, -1, q.shape[-1]).to(dt)  # [B, H, k, D]
+    cum, starts = state.cum, state.starts
+    # rows with every column a basis (recover: k >= the row's length) take their new columns as bases while the
+    # budget lasts; fewer bases than the budget means every row is such a row, and the bases grow
+    covered = old <= cum.shape[2]
+    if bool(covered.all()):
+        kb = max(cum.shape[2], min(state.k_bases, cap))
+        cum, starts = torch.nn.functional.pad(cum, (0, 0, 0, kb - cum.shape[2])), every_column(lengths, kb)
+    elif bool(covered.any()):
+        starts = torch.where(covered[:, None, None], every_column(lengths, cum.shape[2]), starts)
+    # extend every cumulative basis by the entries of the new rows: B_u[i - s_u] = s q_i . k_{s_u}, written only
+    # where i >= s_u (a basis that starts at a new column) and i is a real row; the rest goes to a spare slot
+    cum = torch.nn.functional.pad(cum.to(dt), (0, cap + 1 - cum.shape[-1]))
+    keys = _basis_keys(kc, starts, h).view(b, h, -1, q.shape[-1]).to(dt)  # [B, H, k, D]
     new = scale * (q.to(dt) @ keys.transpose(-1, -2))  # [B, H, Nq, k]
     rows = old[:, None, None, None] + torch.arange(nq, device=q.device)[None, None, :, None]  # absolute row
-    delta = (rows - starts[:, :, None, :]).clamp(0, cap - 1)  # [B, H, Nq, k]
-    cum = cum.to(dt).scatter(-1, delta.transpose(-1, -2), new.transpose(-1, -2))
+    delta = rows - starts.expand(b, h, -1)[:, :, None, :]  # [B, H, Nq, k]
+    written = (delta >= 0) & (rows < lengths[:, None, None, None])
+    cum = cum.scatter(-1, torch.where(written, delta, cap).transpose(-1, -2), new.transpose(-1, -2))[..., :cap]
     rb, rh, rr = torch.meshgrid(torch.arange(b, device=q.device), torch.arange(h, device=q.device),
                                 torch.arange(nq, device=q.device), indexing="ij")
     ri = old[rb] + rr
-    out = direct_rows(_softcap(cum, softcap), state.starts, vc, lengths, rb.reshape(-1), rh.reshape(-1), ri.reshape(-1),
+    out = direct_rows(_softcap(cum, softcap), starts, vc, lengths, rb.reshape(-1), rh.reshape(-1), ri.reshape(-1),
                       h // k.shape[1], sinks=sinks)
     out = out.view(b, h, nq, -1).to(v.dtype)
-    new_state = ConvState(state.starts, cum.detach(), lengths, state.basis_keys, _fingerprint(kc.detach(), lengths))
+    new_state = ConvState(starts, cum.detach(), lengths, _basis_keys(kc.detach(), starts, h),
+                          _fingerprint(kc.detach(), lengths), k_bases=state.k_bases)
     return out, new_state

@@ -126,6 +126,11 @@ def search_starts(oracle, k: int, T: int, delta: float, eps: float) -> torch.Ten
     return starts
 
 
+def every_column(lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, 1, k] starts s_u = min(u, L - 1): every column a basis (exact attention for rows with L <= k)."""
+    return torch.minimum(torch.arange(k, device=lengths.device), (lengths[:, None] - 1).clamp_min(0))[:, None, :]
+
+
 def recover(oracle, k: int, placement: str = "even", T: int = 8, delta: float = 0.5, eps: float = 1e-3):
     """(starts [B, Hs, k], cum [B, H, k, N]) for any oracle with `probe`, `columns` and `lengths`.
 
@@ -136,7 +141,7 @@ def recover(oracle, k: int, placement: str = "even", T: int = 8, delta: float = 
     if placement not in PLACEMENTS:  # checked here too: a fully covered batch never reaches placed_starts
         raise ValueError(f"conv_placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
     lengths = oracle.lengths
-    every = torch.minimum(torch.arange(k, device=lengths.device), (lengths[:, None] - 1).clamp_min(0))[:, None, :]
+    every = every_column(lengths, k)
     covered = (lengths <= k)[:, None, None]  # [B, 1, 1]
     if bool(covered.all()):
         starts = every

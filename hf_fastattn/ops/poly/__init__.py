@@ -6,14 +6,14 @@ import warnings
 
 import torch
 
-from ..masks import check_int, check_kv_valid, check_qkv, check_softcap
+from ..masks import autocast_off, check_int, check_kv_valid, check_qkv, check_softcap
 from ..sinks import check_sinks
 from .chunk import poly_chunk_attention, poly_direct_attention
 from .features import FeatureMap, check_feature_count, poly_coefficients
 from .guard import GuardStats, guard_stats
 from .naive import naive_poly_attention
 
-__all__ = ["poly_attention", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
+__all__ = ["poly_attention", "path_roundoff", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
 
 
 _TRITON_FAILED: list = []
@@ -30,12 +30,30 @@ def _triton_available() -> bool:
     return True
 
 
-def auto_uses_triton(is_cuda: bool, degree: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether kernel="auto" runs the Triton kernels (for inputs longer than one chunk)."""
-    fits = is_cuda and degree == 2 and head_dim <= _TRITON_MAX_D and dtype != torch.float64
+def auto_uses_triton(is_cuda: bool, degree: int, head_dim: int, dtype: torch.dtype, value_dim: int | None = None) -> bool:
+    """Whether kernel="auto" runs the Triton kernels (for inputs longer than one chunk). `value_dim`: V's width
+    when it differs from the query/key head_dim (latent attention)."""
+    widest = max(head_dim, head_dim if value_dim is None else value_dim)
+    fits = is_cuda and degree == 2 and widest <= _TRITON_MAX_D and dtype != torch.float64
     return fits and _triton_available() and not _TRITON_FAILED
 
 
+def path_roundoff(q: torch.Tensor, v: torch.Tensor, degree: int, chunk: int, kernel: str) -> float:
+    """Unit roundoff of the feature expansion on the path `poly_attention` takes for these inputs (the guard's
+    rounding term): 0 for the direct form (Nq <= chunk: P is evaluated on each logit, nothing cancels); the
+    Triton kernels keep bf16 states for 16-bit inputs and run float32 dots on TF32 tensor cores on a GPU; the
+    torch chunk path computes features and states in the accumulation dtype (float32, float64 for float64)."""
+    if q.shape[2] <= chunk:
+        return 0.0
+    auto = kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype, v.shape[-1])
+    if kernel == "triton" or auto:
+        if q.dtype != torch.float32:
+            return 2.0**-9
+        return 2.0**-11 if q.is_cuda else 2.0**-24
+    return 2.0**-53 if q.dtype == torch.float64 else 2.0**-24
+
+
+@autocast_off
 def poly_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,7 +106,7 @@ def poly_attention(
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, save_states=save_states,
                                      sinks=sinks)
-    if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype):
+    if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype, v.shape[-1]):
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
@@ -97,7 +115,8 @@ def poly_attention(
         except torch.OutOfMemoryError:  # not a kernel failure: the torch path would not fit either
             raise
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
-            _TRITON_FAILED.append(repr(err))
+            if not isinstance(err, ValueError):  # the kernels refusing these arguments says nothing of other calls
+                _TRITON_FAILED.append(repr(err))
             warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
                           "(kernel='torch' silences this, kernel='triton' raises)", RuntimeWarning, stacklevel=2)
     return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, sinks)

@@ -5,6 +5,13 @@ The papers' guarantee needs |s q.k| = o(sqrt(log n)). Two O(N d^2) statistics pe
   * sigma: the rms logit, s sqrt(tr(M_q M_k)) with the second-moment matrices M = X^T X / n (so
     E[(q.k)^2] over random pairs); the predicted relative output error is the Gaussian-logit model of
     `features.gaussian_output_error` (exact band ignored: the prediction is conservative).
+  * rounding: the feature expansion phi(q).S adds up, per key, terms as large as abs_poly(B) =
+    sum_t |c_t| B^t to give P(x), which can be ~1. Where coordinate products are large but cancel (q.k small
+    although |q||k| is not: outlier dimensions, a degree-4 polynomial), float rounding of those terms is what
+    is left of the denominator (degree 4, D = 2, s q_a k_a = +-100: finite outputs of 6e31 in float32).
+    u abs_poly(B) bounds it, u the unit roundoff of the features / states on the path that runs
+    (`poly.path_roundoff`); the errors measured on random and cancelling heads (D = 2-64, float32 torch path,
+    bf16 Triton) were 1/4 to 1/60 of the bound, so `ROUNDING_TYPICAL` of it joins the prediction.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .features import gaussian_output_error, weight_error
+from .features import abs_poly, gaussian_output_error, weight_error
 
 _SIGMAS = np.geomspace(1e-3, 1e3, 241)
+ROUNDING_TYPICAL = 1 / 16  # measured error / rounding bound, typical (see the module docstring)
 
 
 @functools.lru_cache(maxsize=32)
@@ -40,23 +48,29 @@ class GuardStats:
 
     bound: list[float]  # B = s max|q| max|k|
     sigma: list[float]  # rms logit
-    predicted: list[float]  # predicted relative output error at sigma
+    predicted: list[float]  # predicted relative output error: max(Gaussian-logit model at sigma, rounding)
     worst_weight_error: list[float]  # e(B)
+    rounding: list[float] | None = None  # bound on the float rounding of the feature expansion, u abs_poly(B)
 
     @property
     def worst(self) -> float:
         return max(self.predicted)
 
     def describe(self, heads: list[int]) -> str:
+        def rounding(h):
+            bound = 0.0 if self.rounding is None else self.rounding[h]
+            return f", float rounding bound {bound:.2g}" if bound * ROUNDING_TYPICAL > 1e-3 else ""
+
         return ", ".join(
-            f"h{h}: |x|<={self.bound[h]:.3g}, rms {self.sigma[h]:.3g}, predicted error {self.predicted[h]:.1%}"
-            for h in heads
+            f"h{h}: |x|<={self.bound[h]:.3g}, rms {self.sigma[h]:.3g}{rounding(h)}, predicted error "
+            f"{self.predicted[h]:.1%}" for h in heads
         )
 
 
 @torch.no_grad()
-def guard_stats(q, k, scale, coeffs, kv_valid=None) -> GuardStats:
-    """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics over real tokens.
+def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0) -> GuardStats:
+    """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics over real tokens. `roundoff`: the unit
+    roundoff u of the path that will run (`poly.path_roundoff`; 0 leaves rounding out of the prediction).
 
     kv_valid [B, Nk] marks real keys; the queries are the last Nq positions (bottom-right), so kv_valid[:, -Nq:]
     marks the real query rows. Padded slots are left out of the maxima, the second moments and their counts:
@@ -80,9 +94,11 @@ def guard_stats(q, k, scale, coeffs, kv_valid=None) -> GuardStats:
     sigma = scale * (mq * mk).sum((-1, -2)).clamp_min(0).sqrt()  # tr(Mq Mk), both symmetric
     bound = (scale * qmax * kmax).amax(0).tolist()
     sigma = sigma.amax(0).tolist()
+    rounding = [roundoff * float(abs_poly(coeffs, torch.tensor(bb, dtype=torch.float64))) for bb in bound]
     return GuardStats(
         bound=bound,
         sigma=sigma,
-        predicted=[predicted_error(coeffs, s) for s in sigma],
+        predicted=[max(predicted_error(coeffs, s), ROUNDING_TYPICAL * r) for s, r in zip(sigma, rounding)],
         worst_weight_error=[weight_error(coeffs, bb) if bb < 1e4 else math.inf for bb in bound],
+        rounding=rounding,
     )
