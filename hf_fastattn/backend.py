@@ -3,7 +3,7 @@
 transformers calls `fastattn_attention_forward(module, query, key, value, attention_mask, ...)` from every
 attention layer with query [B, H, Nq, D] and key/value [B, Hkv, Nk, D] (already RoPE-rotated) and expects
 [B, Nq, H, D] back. The mask comes from `fastattn_mask`, which never materialises an N x N mask: it
-returns None (plain causal), a 2D [B, L] bool validity mask over the first L key slots, or [B, L] int64
+returns None (plain causal), a [B, 1, 1, L] bool validity mask over the first L key slots, or [B, 1, 1, L] int64
 block ids where attention stays inside blocks (Llama 4's chunks, packed sequences). L < Nk means the
 slots from L on are empty static-cache slots (the convention of transformers' FlashAttention path): they
 are sliced away and the queries are the last Nq of the L filled slots.
@@ -12,10 +12,12 @@ PhiMoE) put the window only in the mask and do not pass `sliding_window=` to the
 Blocks (from the mask, `cu_seq_lens_*` kwargs or position_ids that restart) are unpacked into a padded batch
 of right-aligned rows so that no method lets state or attention cross a block boundary.
 
-Under `torch.compile` both functions are opaque to dynamo (`torch.compiler.disable`): each attention call is one
-graph break and runs eagerly, with its own autograd Functions and Triton kernels, while the model around it
-compiles. Traced, their host-side decisions (guard statistics, finite checks, packing detection) broke graphs
-anyway and specialised on float values, so a layer recompiled on every call until dynamo's limit.
+Under `torch.compile` dynamo traces only the attention function's front, which picks a path: the mask function
+and, in training, the attention call are `torch.compiler.disable`d (a graph break; they run eagerly, with their
+own autograd Functions and Triton kernels); in inference an attention call is one custom op
+(`hf_fastattn::attention`, section torch.compile).
+Traced, their host-side decisions (guard statistics, finite checks, packing detection) broke graphs anyway and
+specialised on float values, so a layer recompiled on every call until dynamo's limit.
 """
 
 from __future__ import annotations
@@ -222,20 +224,22 @@ def _mask_window(parts) -> int | None:
     return windows.pop() if windows else None
 
 
-# Attributes set on the compact mask tensors `fastattn_mask` returns: they are compact (generate() builds a static
-# cache's masks ahead and the model's forward hands that tensor back as if it were a 2D padding mask), the window
-# of the mask they were built from, and whether an all-True tensor stands for None (a window needs a tensor).
-_COMPACT_ATTR, _WINDOW_ATTR, _FULL_ATTR = "_fastattn_compact", "_fastattn_window", "_fastattn_full"
+# Attributes set on the compact mask tensors `fastattn_mask` returns: the window of the mask they were built from,
+# and whether an all-True tensor stands for None (a window needs a tensor). A compiled graph reads them where the
+# tensor is one of its inputs; an op on the tensor (even a no-op .to() when traced) returns one without them.
+_WINDOW_ATTR, _FULL_ATTR = "_fastattn_window", "_fastattn_full"
 
 
 def _compact(mask, window, batch: int, filled: int, device):
+    """The [B, L] mask as the [B, 1, 1, L] view that transformers hands on untouched: a 4D mask is "prepared", so
+    the one generate() builds ahead for a static cache reaches the layers as it is, not re-read (and converted,
+    dropping the attributes) as a user's 2D padding mask."""
     full = mask is None
     if full:
         if window is None:
             return None
         mask = torch.ones(batch, filled, dtype=torch.bool, device=device)
-    mask = mask.contiguous()  # generate() makes it contiguous: a copy would drop the attributes
-    setattr(mask, _COMPACT_ATTR, True)
+    mask = mask.contiguous()[:, None, None, :]  # generate() makes it contiguous: a copy would drop the attributes
     setattr(mask, _WINDOW_ATTR, window)
     setattr(mask, _FULL_ATTR, full)
     return mask
@@ -309,10 +313,10 @@ def fastattn_mask(
     device: torch.device | str = "cpu",
     **kwargs,
 ) -> torch.Tensor | None:
-    """Compact mask: None (no padding, queries are the last key slots), a [B, L] bool validity mask, or, when
-    transformers' mask has chunks or packed sequences and a row's tokens span more than one of them, [B, L]
-    int64 block ids (padded slots as ~id). A returned tensor is marked compact and carries the mask's sliding
-    window (an all-True one stands for None when there is a window); a compact mask passed back in is returned.
+    """Compact mask: None (no padding, queries are the last key slots), a [B, 1, 1, L] bool validity mask, or,
+    when transformers' mask has chunks or packed sequences and a row's tokens span more than one of them,
+    [B, 1, 1, L] int64 block ids (padded slots as ~id). A returned tensor carries the mask's sliding window (an
+    all-True one stands for None when there is a window).
 
     `attention_mask` is the user's 2D mask over absolute positions; key slot j holds position
     `kv_offset + j`. L = q_offset - kv_offset + q_length is the number of filled slots (< kv_length only
@@ -326,11 +330,6 @@ def fastattn_mask(
             f"fastattn mask: inconsistent sizes (q_length={q_length}, kv_length={kv_length}, "
             f"q_offset={int(q_offset)}, kv_offset={kv_offset})"
         )
-    if getattr(attention_mask, _COMPACT_ATTR, False):  # built ahead by generate() for this very call
-        if attention_mask.shape != (batch_size, filled) or getattr(attention_mask, _WINDOW_ATTR) != window:
-            raise ValueError(f"fastattn mask: a compact mask of shape {tuple(attention_mask.shape)} was passed where "
-                             f"[{batch_size}, {filled}] (window {window}) is needed")
-        return attention_mask
     valid = None
     if attention_mask is not None:
         valid = attention_mask[:, kv_offset : kv_offset + filled].to(device=device, dtype=torch.bool)
@@ -346,9 +345,12 @@ def fastattn_mask(
         last = ids.masked_fill(~real, -1).amax(-1)
         if bool((first < last).any()):  # some row's real tokens span two blocks (else: plain causal attention)
             return _compact(torch.where(real, ids, ~ids), window, batch_size, filled, device)
+    # A static cache's mask (its layers give q_offset as a tensor) is always a validity tensor: a compiled decode
+    # step that got None when the cache fills up would be traced again and break at this function.
+    keep = filled < kv_length or isinstance(q_offset, torch.Tensor)
     if valid is None:
-        valid = None if filled == kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
-    elif filled == kv_length and bool(valid.all()):
+        valid = torch.ones(batch_size, filled, dtype=torch.bool, device=device) if keep else None
+    elif not keep and bool(valid.all()):
         valid = None
     return _compact(valid, window, batch_size, filled, device)
 
@@ -473,7 +475,63 @@ def _refuse_unsupported(kwargs: dict) -> None:
                              "load it with attn_implementation='eager' or 'sdpa'")
 
 
-@torch.compiler.disable  # one graph break per layer under torch.compile; see the module docstring
+# --------------------------------------------------------------------------------------- torch.compile
+# In inference the whole attention call is one custom op, opaque to the compiler: a compiled model (generate()'s
+# auto-compiled decode with a static cache, torch.compile(model) under no_grad) is one graph, not one per layer.
+# At every graph break dynamo resumes in a new frame, and transformers' shared decorator wrappers, resumed for
+# each model class, used up its recompile limit: decoding then fell back to eager. The op's body is the eager
+# call, host-side decisions included, so it is marked unsafe for CUDA graphs (inductor runs it between the
+# captured parts). Training keeps the graph break: a custom op would need its backward as an op too.
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_LAYERS: dict[int, weakref.ref] = {}  # _layer_key -> layer; a custom op takes tensors and numbers, not modules
+
+
+@torch.compiler.assume_constant_result  # runs once when traced; the key is a constant of the graph
+def _layer_key(module) -> int:
+    key = id(module)
+    if key not in _LAYERS or _LAYERS[key]() is not module:
+        _LAYERS[key] = weakref.ref(module, lambda _, key=key: _LAYERS.pop(key, None))
+    return key
+
+
+def _op_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether this call can be the custom op: inference, and no keyword the op does not pass on (of those the eager
+    path reads, it passes position_ids and s_aux; packed cu_seq_lens and what it refuses stay eager)."""
+    if _CUDAGRAPH_UNSAFE is None or (dropout and dropout > 0):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (query, key, value, kwargs.get("s_aux"))):
+        return False  # the op has no backward
+    if torch.is_autocast_enabled(query.device.type) or not isinstance(attention_mask, (torch.Tensor, type(None))):
+        return False
+    if kwargs.get("output_attentions") or kwargs.get("is_causal") is False:
+        return False
+    return all(kwargs.get(name) is None for name in (*_UNSUPPORTED, "cu_seq_lens_q", "cu_seq_lens_k"))
+
+
+@torch.library.custom_op("hf_fastattn::attention", mutates_args=(),
+                         tags=() if _CUDAGRAPH_UNSAFE is None else (_CUDAGRAPH_UNSAFE,))
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  layer: int, mask_window: int | None, mask_full: bool, scaling: float | None,
+                  sliding_window: int | None, softcap: float | None, position_ids: torch.Tensor | None,
+                  s_aux: torch.Tensor | None) -> torch.Tensor:
+    """fastattn_attention_forward as one op: the mask's tags travel as arguments (a graph does not keep a
+    tensor's Python attributes), the layer as its _layer_key."""
+    module = _LAYERS[layer]()
+    if mask is not None:
+        setattr(mask, _WINDOW_ATTR, mask_window)
+        setattr(mask, _FULL_ATTR, mask_full)
+    out, _ = _attention(module, query, key, value, mask, 0.0, scaling, sliding_window, softcap,
+                        position_ids=position_ids, s_aux=s_aux)
+    return out
+
+
+@_attention_op.register_fake
+def _(query, key, value, mask, layer, mask_window, mask_full, scaling, sliding_window, softcap, position_ids, s_aux):
+    b, h, nq, _ = query.shape
+    return query.new_empty(b, nq, h, value.shape[-1])
+
+
 def fastattn_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -487,12 +545,24 @@ def fastattn_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface. query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+    if torch.compiler.is_compiling() and _op_takes(query, key, value, attention_mask, dropout, kwargs):
+        out = torch.ops.hf_fastattn.attention(
+            query, key, value, attention_mask, _layer_key(module), getattr(attention_mask, _WINDOW_ATTR, None),
+            bool(getattr(attention_mask, _FULL_ATTR, False)), scaling, sliding_window, softcap,
+            kwargs.get("position_ids"), kwargs.get("s_aux"))
+        return out, None
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, **kwargs)
+
+
+@torch.compiler.disable  # one graph break per layer under torch.compile; see the module docstring
+def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, **kwargs):
+    """fastattn_attention_forward, run eagerly (its arguments, all given)."""
     device = query.device.type
     if torch.is_autocast_enabled(device):  # the inputs in autocast's dtype, as SDPA gets them; inside, our precisions
         dt = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return fastattn_attention_forward(module, query.to(dt), key.to(dt), value.to(dt), attention_mask, dropout,
-                                              scaling, sliding_window, softcap, **kwargs)
+            return _attention(module, query.to(dt), key.to(dt), value.to(dt), attention_mask, dropout, scaling,
+                              sliding_window, softcap, **kwargs)
     if dropout and dropout > 0:
         raise ValueError(
             f"fastattn does not implement attention dropout (got dropout={dropout}); "
@@ -513,24 +583,24 @@ def fastattn_attention_forward(
         )
     valid, blocks = None, None
     if attention_mask is not None:
-        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
-                or attention_mask.dtype not in (torch.bool, torch.long)):
-            shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype not in (torch.bool, torch.long)
+                or not (attention_mask.dim() == 2 or (attention_mask.dim() == 4 and shape[1:3] == (1, 1)))):
             raise ValueError(
-                f"fastattn expects the compact mask of its own mask function (None, [B, N_kv] bool or int64 block "
-                f"ids), got {shape} {getattr(attention_mask, 'dtype', '')}. Custom 4D masks are not supported; pass "
-                "a 2D padding mask instead."
+                f"fastattn expects the compact mask of its own mask function (None, [B, 1, 1, N_kv] or [B, N_kv] bool "
+                f"or int64 block ids), got {shape} {getattr(attention_mask, 'dtype', '')}. Custom [B, 1, N_q, N_kv] "
+                "masks are not supported; pass a 2D padding mask instead."
             )
-        filled = attention_mask.shape[1]
+        filled = attention_mask.shape[-1]
         if filled > key.shape[2]:
             raise ValueError(f"fastattn: mask covers {filled} key slots but only {key.shape[2]} keys were given")
         key, value = key[:, :, :filled], value[:, :, :filled]  # empty static-cache slots
         if getattr(attention_mask, _FULL_ATTR, False):
             pass  # no padding: the tensor only carries the window
         elif attention_mask.dtype == torch.bool:
-            valid = attention_mask.to(query.device)  # a model split over devices builds its mask on the first
+            valid = attention_mask.reshape(-1, filled).to(query.device)  # a model split over devices builds it on the first
         else:  # block ids (chunks, packed sequences), ~id on padded slots
-            ids = attention_mask.to(query.device)
+            ids = attention_mask.reshape(-1, filled).to(query.device)
             valid = ids >= 0
             blocks = torch.where(valid, ids, ~ids)
             valid = None if bool(valid.all()) else valid

@@ -237,8 +237,79 @@ def test_torch_compile(family, method):
     _assert_same(ref, (logits.detach(), _grads(model)))
 
 
+def _graph_breaks():
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family,method", [("llama", "exact"), ("gemma2", "exact"), ("mistral", "exact"),
+                                           ("gpt_oss", "exact"), ("qwen2_moe", "exact"), ("llama", "poly"),
+                                           ("gemma2", "conv")])
+def test_generate_compiled_static_cache(family, method):
+    """generate()'s auto-compiled decode (a static cache): each attention call is one custom op in the graph and the
+    prebuilt mask reaches the layers untouched, so a step is one graph, with no graph break; only the first grown
+    mask recompiles (its length turns dynamic). With a break per layer, the resumed frames of transformers' shared
+    decorator wrappers used up dynamo's recompile limit and decoding fell back to eager. Tokens equal eager
+    attention's (exact) and the uncompiled run's (poly, conv: the conv basis from prefill is extended in the op)."""
+    from transformers import CompileConfig
+
+    ref, new = model_pair(tiny_config(family))
+    if method != "exact":
+        new = copy.deepcopy(new)
+        hf_fastattn.configure(new, method=method, local_window=4, guard="off")
+    x = _tokens(2, WINDOW + 3, 6)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    want = (ref.generate(x, **kw) if method == "exact" else new.generate(x, cache_implementation="static", **kw))
+    compile_config = CompileConfig(backend="aot_eager")  # functionalises the op: its fake kernel is checked
+    compile_config._compile_all_devices = True  # auto-compile is for GPUs unless told
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    got = new.generate(x, cache_implementation="static", compile_config=compile_config, **kw)
+    breaks, graphs = _graph_breaks()
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert breaks == 0 and 1 <= graphs <= 2, (breaks, graphs)
+
+
+def test_compiled_inference_is_one_op_per_layer():
+    """torch.compile under no_grad: the attention calls are ops in the graph (the only break left is the mask
+    function, once per forward), and logits equal the uncompiled model's. One compiled function run on two models
+    of the same architecture (which dynamo would share a graph between) keeps each model's layers and settings:
+    the layer key the op gets is guarded. The op's schema and fake kernel pass torch.library.opcheck."""
+    from torch._dynamo.utils import counters
+
+    _, model = model_pair(tiny_config("gemma2"))
+    other = copy.deepcopy(model)
+    hf_fastattn.configure(other, method="poly", local_window=4, guard="off")
+    x = _tokens(2, N, 12)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = [m(input_ids=x, attention_mask=mask).logits for m in (model, other)]
+        torch._dynamo.reset()
+        counters.clear()
+        run = torch.compile(lambda m: m(input_ids=x, attention_mask=mask).logits, backend="aot_eager")
+        got = [run(m) for m in (model, other)]
+    reasons = " ".join(counters["graph_break"])
+    torch._dynamo.reset()
+    assert (want[0] - want[1]).abs().max().item() > 100 * ATOL  # the two settings differ
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < ATOL
+    assert "fastattn_mask" in reasons and "_attention" not in reasons.replace("fastattn_mask", "")
+    attn = model.model.layers[0].self_attn
+    q, k, v = (torch.randn(2, h, 9, 16, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
+    valid = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    valid[0, ..., :2] = False
+    torch.library.opcheck(torch.ops.hf_fastattn.attention,
+                          (q, k, v, valid, backend._layer_key(attn), None, False, 0.25, None, None, None, None))
+
+
 def test_masks_stay_compact(monkeypatch):
-    """The backend only ever sees None or a 2D mask, with padding and with a static cache."""
+    """The backend only ever sees None or a [B, 1, 1, L] mask, with padding and with a static cache."""
     from hf_fastattn import backend
 
     seen = []
@@ -257,7 +328,7 @@ def test_masks_stay_compact(monkeypatch):
     mask[0, :3] = 0
     model(input_ids=x, attention_mask=mask)
     model.generate(x, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
-    assert seen and all(s is None or len(s) == 2 for s in seen)
+    assert seen and all(s is None or (len(s) == 4 and s[1:3] == (1, 1)) for s in seen)
 
 
 def test_bidirectional_layer_raises():
@@ -365,7 +436,7 @@ def test_dropout_and_output_attentions_raise():
 def test_custom_4d_mask_raises():
     _, model = model_pair(tiny_config("llama"))
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
-    with pytest.raises(ValueError, match="Custom 4D masks are not supported"):
+    with pytest.raises(ValueError, match=r"Custom \[B, 1, N_q, N_kv\] masks are not supported"):
         model(input_ids=_tokens(1, 5, 0), attention_mask=mask)
 
 
@@ -384,3 +455,25 @@ def test_mask_window_and_call_window_must_agree():
     assert torch.equal(out, ref) and torch.equal(alone, ref) and (alone - full).abs().max() > 1e-2
     with pytest.raises(ValueError, match="passes sliding_window=8 but its mask was built with a window of 4"):
         backend.fastattn_attention_forward(attn, q, k, k, mask, sliding_window=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exact", "poly"])
+def test_generate_compiled_cuda_graphs(method):
+    """On a GPU, generate()'s default auto-compile (inductor, mode='reduce-overhead': CUDA graphs) with a static
+    cache: the op is tagged unsafe for CUDA graphs, so its host-side work runs between the captured parts; tokens
+    equal the uncompiled run's."""
+    _, model = model_pair(tiny_config("gemma2"))
+    model = model.cuda()
+    hf_fastattn.configure(model, method=method, local_window=4, guard="off")
+    x = _tokens(2, WINDOW + 3, 6).cuda()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    want = model.generate(x, disable_compile=True, **kw)
+    torch._dynamo.reset()
+    got = model.generate(x, **kw)
+    again = model.generate(x, **kw)  # replays the captured graphs
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and torch.equal(again, want)

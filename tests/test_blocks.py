@@ -88,7 +88,8 @@ def test_mask_function_gives_chunk_ids():
     lp = torch.tensor([0, 3])
     fn = mu.chunked_causal_mask_function(c, lp)
     ids = backend.fastattn_mask(2, 3, 11, q_offset=13, kv_offset=5, attention_mask=attn, mask_function=fn)
-    assert ids.dtype == torch.long and ids.shape == (2, 11)
+    assert ids.dtype == torch.long and ids.shape == (2, 1, 1, 11)  # 4D: transformers passes it on untouched
+    ids = ids[:, 0, 0]
     pos = torch.arange(5, 16)
     for b in range(2):
         chunk = (pos - lp[b]) // c
@@ -97,10 +98,10 @@ def test_mask_function_gives_chunk_ids():
         assert torch.equal(same, chunk[:, None] == chunk[None])
     # a static cache: 8 of 12 slots filled; within one chunk per row it is the plain validity mask
     ids = backend.fastattn_mask(2, 2, 12, q_offset=6, kv_offset=0, attention_mask=attn, mask_function=fn)
-    assert ids.shape == (2, 8)
+    assert ids.shape == (2, 1, 1, 8)
     fn1 = mu.chunked_causal_mask_function(16, lp)
     small = backend.fastattn_mask(2, 2, 12, q_offset=6, kv_offset=0, attention_mask=attn, mask_function=fn1)
-    assert small.dtype == torch.bool and torch.equal(small, attn[:, :8].bool())
+    assert small.dtype == torch.bool and torch.equal(small[:, 0, 0], attn[:, :8].bool())
 
 
 @pytest.mark.parametrize("builder", ["create_chunked_causal_mask", "create_causal_mask"])
@@ -110,7 +111,7 @@ def test_packed_mask_gives_sequence_ids(builder):
     cfg = tiny_config("llama4")
     cfg._attn_implementation = "fastattn"
     pos = torch.cat([torch.arange(5), torch.arange(11)])[None]
-    ids = getattr(mu, builder)(cfg, torch.zeros(1, 16, 8), None, None, pos)  # config, embeds, mask, cache, pos
+    ids = getattr(mu, builder)(cfg, torch.zeros(1, 16, 8), None, None, pos)[:, 0, 0]  # config, embeds, mask, cache, pos
     starts = torch.ones(16, dtype=torch.bool)
     starts[1:] = ids[0, 1:] != ids[0, :-1]
     chunked = builder == "create_chunked_causal_mask"

@@ -234,7 +234,7 @@ def test_mask_parts():
         assert set(backend.mask_parts(fn)) <= backend._MASK_PARTS_KEPT
         out = backend.fastattn_mask(1, 6, 6, mask_function=fn)
         if fn is kept[1]:  # the window travels on an all-True tensor that stands for "no padding"
-            assert out.all() and out.shape == (1, 6) and out._fastattn_window == 4 and out._fastattn_full
+            assert out.all() and out.shape == (1, 1, 1, 6) and out._fastattn_window == 4 and out._fastattn_full
         else:
             assert out is None
 

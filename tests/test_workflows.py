@@ -385,7 +385,12 @@ def test_gpu_session_commands_parse(tmp_path):
     import profile_poly
 
     plan = {s.name: s for s in gs.stages(False, tmp_path, "h200")}
-    assert list(plan) == ["tests", "bench-d128", "bench-d64", "profile", "model", "targets"]
+    assert list(plan) == ["tests", "bench-d128", "bench-d64", "profile", "model", "targets", "compile"]
+    compiled = plan["compile"].cmd
+    assert compiled[compiled.index("-k") + 1] == "cuda_graphs" and "tests/test_backend_families.py" in compiled
+    selected = subprocess.run([sys.executable, *compiled[1:], "--co", "-q"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)  # the -k picks the gpu tests (collected here, skipped in runs)
+    assert "tests/test_backend_families.py: 2" in selected.stdout, selected.stdout[-2000:]  # exact and poly
     for name, d in (("bench-d128", 128), ("bench-d64", 64)):
         p = argparse.ArgumentParser()
         bench.add_arguments(p)
