@@ -168,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("bench-model", help="training steps of a whole decoder (random weights), fastattn arms vs SDPA")
     bench_model.add_arguments(m)
     m.set_defaults(func=bench_model.main)
-    parser.subcommands = {"demo": demo, "diagnose": d, "bench": b, "bench-model": m}
+    from . import bench_generate
+
+    g = sub.add_parser("bench-generate", help="decode speed of generate() with a static cache, each arm uncompiled "
+                       "and auto-compiled (JSON + PNG)")
+    bench_generate.add_arguments(g)
+    g.set_defaults(func=bench_generate.main)
+    parser.subcommands = {"demo": demo, "diagnose": d, "bench": b, "bench-model": m, "bench-generate": g}
     return parser
 
 

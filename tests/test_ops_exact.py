@@ -127,12 +127,13 @@ def test_bad_options_raise(option, match):
 
 @pytest.mark.parametrize("nq, nk, window, pad, fused", [
     (64, 64, None, False, True), (1, 64, None, False, True),  # full causal, one decoding row
+    (1, 64, None, True, True),  # one decoding row with padding (a static cache's mask): its keys' validity
     (20, 64, None, False, False), (64, 64, 8, False, False), (64, 64, None, True, False),  # prefill, window, pad
 ])
 def test_exact_fused_dispatch(monkeypatch, nq, nk, window, pad, fused):
-    """Only the plain causal case goes to torch's fused SDPA (counted), the rest to our blocks; both equal the
-    dense reference in float64, gradients included (GQA: 4 query heads on 2 K/V heads). A fused kernel that
-    declines the call (None) leaves it to ours."""
+    """Only the plain causal case and a decoding row go to torch's fused SDPA (counted), the rest to our blocks;
+    both equal the dense reference in float64, gradients included (GQA: 4 query heads on 2 K/V heads). A fused
+    kernel that declines the call (None) leaves it to ours."""
     from hf_fastattn.ops import exact, stats
 
     q, k, v, valid = _inputs(1, 4, 2, nq, nk, 16, pad)
@@ -149,6 +150,22 @@ def test_exact_fused_dispatch(monkeypatch, nq, nk, window, pad, fused):
         do = torch.randn_like(out)
         for a, b_ in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
             assert (a - b_).abs().max().item() < 1e-12
+
+
+def test_exact_fused_decode_row_without_keys():
+    """A decoding row whose keys are all padding is 0 on the fused path too, as in our blocks (a kernel may give
+    NaN there), and the other rows of the batch are untouched."""
+    from hf_fastattn.ops import stats
+
+    q, k, v, _ = _inputs(3, 4, 2, 1, 24, 16, False)
+    valid = torch.rand(3, 24, generator=torch.Generator().manual_seed(5)) > 0.3
+    valid[1] = False
+    stats.reset()
+    out = exact_attention(q, k, v, 0.3, kv_valid=valid)
+    assert stats.COUNTS["exact.sdpa"] == 1
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = naive_attention(q, k, v, 0.3, True, None, None, valid)
+    assert (out - ref).abs().max().item() < 1e-12 and out[0].abs().max().item() > 0.1
 
 
 @pytest.mark.parametrize("dv", [8, 24])
@@ -168,7 +185,7 @@ def test_exact_value_width(nq, pad, dv):
         stats.reset()
         out = exact_attention(q, k, v, 0.3, True, None, None, valid, block=block)
         assert out.shape == (1, 4, nq, dv)
-        assert stats.COUNTS["exact.sdpa"] == (block == 0 and not pad)
+        assert stats.COUNTS["exact.sdpa"] == (block == 0 and (not pad or nq == 1))
         assert (out - ref).abs().max().item() < 1e-12
         for a, b_ in zip(torch.autograd.grad(out, (q, k, v), do), ref_grads):
             assert (a - b_).abs().max().item() < 1e-12

@@ -1,6 +1,6 @@
 """Smoke tests of the user's workflows on the embedded model: fine-tuning (1 and 2 CPU processes, resume,
 through fastattn's own backward), long-context evaluation, the offline perplexity metric, the CLI (demo,
-diagnose, bench, bench-model). Each checks its outputs, not just that it ran."""
+diagnose, bench, bench-model, bench-generate). Each checks its outputs, not just that it ran."""
 
 import json
 import math
@@ -260,6 +260,25 @@ def test_cli_bench_model(tmp_path):
             assert rows[arm, "fwdbwd", n]["ops"] == {"poly.forward": 2, "poly.backward": 2}
             assert rows[arm, "fwd", n]["ops"] == {"poly.forward": 2}
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_cli_bench_generate(tmp_path):
+    """Decode timing of the embedded model, each arm uncompiled and auto-compiled: the compiled runs make no graph
+    break (the attention calls are one op each) and give the uncompiled tokens; bad --new-tokens is a usage error."""
+    out = _cli("bench-generate", "--arms", "sdpa,exact,poly:local_window=16", "--prompt", "48", "--new-tokens", "6",
+               "--repeats", "1", "--compile-backend", "aot_eager", "--out", str(tmp_path / "g.json"))
+    assert "ms/token" in out and "DIFFER" not in out
+    rep = json.loads((tmp_path / "g.json").read_text())
+    assert rep["kind"] == "generate" and rep["env"]["torch"] and rep["config"]["compile_mode"] == "default"
+    rows = {(r["arm"], r["compiled"]): r for r in rep["results"]}
+    assert len(rows) == 6 and all(r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
+    for arm in ("sdpa", "exact", "poly:local_window=16"):
+        r = rows[arm, True]
+        assert r["tokens_equal_uncompiled"] and r["graph_breaks"] == 0 and 1 <= r["graphs"] <= 2, r
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "hf_fastattn.cli", "bench-generate", "--new-tokens", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "--new-tokens: must be >= 2" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_parse_arm_options():

@@ -164,22 +164,27 @@ class ExactAttnFunction(torch.autograd.Function):
 _FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
-def _fused_sdpa(q, k, v, scale):
-    """Causal attention (Nq == Nk, or one decoding row that sees every key) by torch's fused SDPA kernels, or
-    None where none of them takes the call (e.g. grouped K/V heads on a CUDA kernel without GQA support)."""
+def _fused_sdpa(q, k, v, scale, kv_valid=None):
+    """Causal attention (Nq == Nk, or one decoding row per sequence) by torch's fused SDPA kernels, or None where
+    none of them takes the call (e.g. grouped K/V heads on a CUDA kernel without GQA support). A decoding row
+    may come with its keys' [B, Nk] validity: with one query it is the whole mask."""
     dq, dv = q.shape[-1], v.shape[-1]
     if dv != dq:  # latent attention (DeepSeek): the fused kernels want one width; zero columns change nothing
         if dv < dq:
-            out = _fused_sdpa(q, k, F.pad(v, (0, dq - dv)), scale)
+            out = _fused_sdpa(q, k, F.pad(v, (0, dq - dv)), scale, kv_valid)
             return None if out is None else out[..., :dv]
-        return _fused_sdpa(F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v, scale)
+        return _fused_sdpa(F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v, scale, kv_valid)
+    mask = None if kv_valid is None else kv_valid[:, None, None, :]
     try:
         with warnings.catch_warnings(), sdpa_kernel(_FUSED):
             warnings.simplefilter("ignore")  # each kernel that declines says why
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=q.shape[2] > 1, scale=scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
     except RuntimeError:
         return None
+    if kv_valid is not None:  # a row that sees no key is 0, as everywhere in the op (a kernel may give NaN)
+        out = torch.where(kv_valid.any(-1)[:, None, None, None], out, 0)
+    return out
 
 
 @autocast_off
@@ -204,7 +209,8 @@ def exact_attention(
         causal, window: causal mask and sliding window (keys with 0 <= i - j < window visible).
         softcap: logits -> softcap * tanh(logits / softcap) before the softmax (Gemma2).
         kv_valid: [B, Nk] bool, False for padded key slots.
-        block: query rows per block (0: automatic, and the plain causal case may run torch's fused SDPA).
+        block: query rows per block (0: automatic, and the plain causal case, or one decoding row with padding, may
+            run torch's fused SDPA).
         sinks: [H] attention-sink logits (GPT-OSS's s_aux), one per query head, or None.
 
     Returns:
@@ -217,9 +223,9 @@ def exact_attention(
         window = check_int("window", window, 1)
     if causal and window is not None and window >= k.shape[2]:  # a window spanning every key is no window
         window = None
-    plain = causal and window is None and softcap is None and kv_valid is None and not block and sinks is None
-    if plain and q.shape[2] in (1, k.shape[2]):
-        out = _fused_sdpa(q, k, v, float(scale))
+    plain = causal and window is None and softcap is None and not block and sinks is None
+    if plain and (q.shape[2] == 1 or (kv_valid is None and q.shape[2] == k.shape[2])):
+        out = _fused_sdpa(q, k, v, float(scale), kv_valid)
         if out is not None:
             count("exact.sdpa")
             return out
