@@ -245,15 +245,31 @@ def _compact(mask, window, batch: int, filled: int, device):
     return mask
 
 
-def _call_window(sliding_window, attention_mask, layer_idx) -> int | None:
+def _call_window(sliding_window, attention_mask, module) -> int | None:
     """The layer's window: the attention call's `sliding_window`, else the one its mask was built with."""
-    window = getattr(attention_mask, _WINDOW_ATTR, None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if attention_mask is not None and not hasattr(attention_mask, _WINDOW_ATTR):
+        window = _layer_window(module)  # a copy of our mask: a hook moved it to this layer's device (accelerate)
+    else:
+        window = getattr(attention_mask, _WINDOW_ATTR, None)
     if sliding_window is None:
         return window
     if window is not None and window != sliding_window:
         raise ValueError(f"fastattn (layer {layer_idx}): the attention call passes sliding_window={sliding_window} "
                          f"but its mask was built with a window of {window}; refusing to pick one")
     return sliding_window
+
+
+def _layer_window(module) -> int | None:
+    """The window transformers builds a layer's mask with, from its config: config.layer_types where the model has
+    them, else the layer's own `sliding_window`, else the config's (PhiMoE: every layer)."""
+    config = getattr(module, "config", None)
+    types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and idx is not None and idx < len(types):
+        return getattr(config, "sliding_window", None) if types[idx] == "sliding_attention" else None
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(config, "sliding_window", None)
 
 
 def mask_parts(mask_function) -> dict[str, list[Callable]]:
@@ -509,17 +525,27 @@ def _op_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     return all(kwargs.get(name) is None for name in (*_UNSUPPORTED, "cu_seq_lens_q", "cu_seq_lens_k"))
 
 
+_NO_WINDOW, _UNTAGGED = 0, -1  # mask_window arguments of the op besides a window (>= 1)
+
+
+def _mask_window_arg(mask) -> int:
+    if not hasattr(mask, _WINDOW_ATTR):
+        return _UNTAGGED
+    window = getattr(mask, _WINDOW_ATTR)
+    return _NO_WINDOW if window is None else window
+
+
 @torch.library.custom_op("hf_fastattn::attention", mutates_args=(),
                          tags=() if _CUDAGRAPH_UNSAFE is None else (_CUDAGRAPH_UNSAFE,))
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                  layer: int, mask_window: int | None, mask_full: bool, scaling: float | None,
+                  layer: int, mask_window: int, mask_full: bool, scaling: float | None,
                   sliding_window: int | None, softcap: float | None, position_ids: torch.Tensor | None,
                   s_aux: torch.Tensor | None) -> torch.Tensor:
     """fastattn_attention_forward as one op: the mask's tags travel as arguments (a graph does not keep a
-    tensor's Python attributes), the layer as its _layer_key."""
+    tensor's Python attributes; `_mask_window_arg`), the layer as its _layer_key."""
     module = _LAYERS[layer]()
-    if mask is not None:
-        setattr(mask, _WINDOW_ATTR, mask_window)
+    if mask is not None and mask_window != _UNTAGGED:
+        setattr(mask, _WINDOW_ATTR, None if mask_window == _NO_WINDOW else mask_window)
         setattr(mask, _FULL_ATTR, mask_full)
     out, _ = _attention(module, query, key, value, mask, 0.0, scaling, sliding_window, softcap,
                         position_ids=position_ids, s_aux=s_aux)
@@ -547,7 +573,7 @@ def fastattn_attention_forward(
     """transformers attention interface. query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
     if torch.compiler.is_compiling() and _op_takes(query, key, value, attention_mask, dropout, kwargs):
         out = torch.ops.hf_fastattn.attention(
-            query, key, value, attention_mask, _layer_key(module), getattr(attention_mask, _WINDOW_ATTR, None),
+            query, key, value, attention_mask, _layer_key(module), _mask_window_arg(attention_mask),
             bool(getattr(attention_mask, _FULL_ATTR, False)), scaling, sliding_window, softcap,
             kwargs.get("position_ids"), kwargs.get("s_aux"))
         return out, None
@@ -611,7 +637,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
         raise ValueError(f"fastattn_config['method']={cfg.method!r} is not available; registered: {sorted(_METHODS)}")
     run = _METHODS[cfg.method]
     sinks = check_sinks(kwargs.get("s_aux"), query.shape[1])  # GPT-OSS: one logit per query head (ops/sinks.py)
-    sliding_window = _call_window(sliding_window, attention_mask, layer_idx)
+    sliding_window = _call_window(sliding_window, attention_mask, module)
     opts = dict(scale=scaling, causal=True, window=sliding_window, softcap=softcap, sinks=sinks, cfg=cfg,
                 layer_idx=layer_idx, module=module)
 

@@ -305,7 +305,35 @@ def test_compiled_inference_is_one_op_per_layer():
     valid = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     valid[0, ..., :2] = False
     torch.library.opcheck(torch.ops.hf_fastattn.attention,
-                          (q, k, v, valid, backend._layer_key(attn), None, False, 0.25, None, None, None, None))
+                          (q, k, v, valid, backend._layer_key(attn), 0, False, 0.25, None, None, None, None))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "phimoe", "gemma2", "mistral", "cohere2"])
+def test_masks_moved_between_devices(family):
+    """A model split over devices (accelerate's hooks move each layer's inputs to its device) hands the layers copies
+    of our mask, without its tags: the window comes from the layer's config, so models whose window is only in the
+    mask (Qwen2-MoE, PhiMoE) still slide, and logits equal eager with padding."""
+    ref, new = model_pair(tiny_config(family))
+
+    def move(module, args, kwargs):  # a copy, as a .to(another device) makes
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = mask.clone()
+            assert not hasattr(kwargs["attention_mask"], backend._WINDOW_ATTR)
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(move, with_kwargs=True) for layer in new.model.layers]
+    try:
+        x = _tokens(2, N, 13)
+        mask = torch.ones_like(x)
+        mask[0, :5] = 0
+        with torch.no_grad():
+            a, b = ref(input_ids=x, attention_mask=mask).logits, new(input_ids=x, attention_mask=mask).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    valid = mask.bool()
+    assert (a[valid] - b[valid]).abs().max().item() < ATOL
 
 
 def test_masks_stay_compact(monkeypatch):
