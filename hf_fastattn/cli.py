@@ -29,11 +29,17 @@ def positive(kind=float):
     return parse
 
 
+def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Is `name` meant as a local path rather than a hub id (a model, a dataset)? It starts with '.', '/' or '~',
+    has more than one '/' (a hub id has at most one), or ends with one of `suffixes` (file types)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(suffixes)
+
+
 def _load(option: str, name: str, **kw):
     """load_model, with a missing local path or an unloadable name as a UsageError naming the option."""
     from hf_fastattn.loading import load_model
 
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id has at most one '/'
+    local = looks_local(name)
     if name not in ("", "embedded") and not name.startswith("tiny:") and local and not os.path.exists(name):
         raise UsageError(f"{option} {name!r}: no such model directory")
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import UsageError, positive
+from .cli import UsageError, looks_local, positive
 
 FASTATTN_OPTIONS = ("method", "degree", "local_window", "chunk_size", "guard", "poly_coeffs", "fit_range",
                     "conv_k", "conv_placement", "kernel")
@@ -89,17 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".py")
 
 
-def _looks_like_a_file(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in _FILE_SUFFIXES
-
-
 def check_files(option: str, files) -> None:
     """UsageError unless every entry of a --data / --eval-data list is an existing file (a single entry that is
     not a path may be a hub dataset name)."""
     files = list(files)
     if not files:
         raise UsageError(f"{option} needs at least one file (or leave the option out)")
-    if len(files) == 1 and not os.path.exists(files[0]) and not _looks_like_a_file(files[0]):
+    if len(files) == 1 and not os.path.exists(files[0]) and not looks_local(files[0], _FILE_SUFFIXES):
         return  # a hub dataset name, tried when loading
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:

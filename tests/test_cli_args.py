@@ -299,3 +299,17 @@ def test_run_sh_runs_commands_in_the_callers_directory(tmp_path):
 
     assert run("diagnose", "--text", "my.txt") == f"cwd={caller.resolve()} args=diagnose --text my.txt"
     assert run("test", "-k", "demo") == f"cwd={ROOT.resolve()} args=-m pytest -k demo"
+
+
+def test_local_names_are_not_hub_ids(tmp_path):
+    """One rule says what is meant as a local path (cli's --model, finetune's --data): '.', '/', '~' first, more
+    than one '/', or (data) a file type; a missing one is a usage error naming the option, never a hub lookup."""
+    from hf_fastattn.cli import UsageError, looks_local
+    from hf_fastattn.finetune import _FILE_SUFFIXES, check_files
+
+    assert not any(looks_local(n) for n in ("meta-llama/Llama-3.2-1B", "gpt2", "embedded"))
+    assert all(looks_local(n) for n in ("./m", "/abs/m", "~/m", "runs/ft/final"))
+    assert looks_local("train.JSONL", _FILE_SUFFIXES) and not looks_local("wikitext", _FILE_SUFFIXES)
+    with pytest.raises(UsageError, match="--data: no such file: data/sub/train"):
+        check_files("--data", ["data/sub/train"])  # two '/': a path, though it has no file type
+    check_files("--data", ["owner/dataset"])  # a hub dataset name, tried when loading
