@@ -110,9 +110,16 @@ def _finite_or_exact(out, method, layer_idx, fallback, module=None):
     return fallback()
 
 
+_POLY_STATE = "_fastattn_poly_state"
+
+
 @register_method("poly")
 def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_idx, module=None, sinks=None):
-    from .ops.poly import guard_stats, path_roundoff, poly_attention, poly_coefficients
+    """Prefill/training: the chunked (or Triton) form; decoding in inference against a long cache: the far keys
+    in a prefix state kept on the module (`ops/poly/recurrent.py`), extended call by call."""
+    from .ops.poly import guard_stats, path_roundoff, poly_attention, poly_coefficients, poly_recurrent_attention
+    from .ops.poly.features import check_feature_count
+    from .ops.poly.recurrent import worth_a_state
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
@@ -121,11 +128,21 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     # Sliding layers are already linear in N, and a band covering every key is exact attention.
     if window is not None or cfg.local_window >= k.shape[2]:
         return exact()
+    nq, nk = q.shape[2], k.shape[2]
+    stateful = (cfg.poly_decode_state and module is not None and not torch.is_grad_enabled() and nq < nk
+                and nq <= cfg.chunk_size and worth_a_state(nk, nq, cfg.local_window, q.shape[-1], cfg.degree))
     coeffs = poly_coefficients(cfg.degree, cfg.poly_coeffs, cfg.fit_range)
     if cfg.guard != "off":
-        u = path_roundoff(q, v, cfg.degree, cfg.chunk_size, cfg.kernel)
+        u = path_roundoff(q, v, cfg.degree, cfg.chunk_size, cfg.kernel, decode_state=stateful)
         if not _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid, u), cfg, layer_idx, module):
             return exact()
+    if stateful:
+        check_feature_count(q.shape[-1], cfg.degree, cfg.feature_cap)
+        out, module.__dict__[_POLY_STATE] = poly_recurrent_attention(
+            q, k, v, scale, coeffs, cfg.local_window, softcap, kv_valid, sinks, module.__dict__.get(_POLY_STATE))
+        return _finite_or_exact(out, "poly", layer_idx, exact, module)
+    if module is not None and torch.is_grad_enabled():
+        module.__dict__.pop(_POLY_STATE, None)  # training: nothing to extend, keep no references
     out = poly_attention(
         q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,

@@ -21,7 +21,7 @@ import time
 import torch
 
 from .bench import DTYPES, _sync, comma_list, environment, positive_int, report_path, save_report
-from .bench_model import _arm
+from .bench_model import arm_list
 from .evaluation import parse_arm, use_arm
 
 
@@ -131,7 +131,7 @@ def plot(report, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="embedded, tiny:<family>, a model directory or hub id")
-    p.add_argument("--arms", type=comma_list(_arm), default=["sdpa", "exact", "poly:local_window=64"],
+    p.add_argument("--arms", type=arm_list, default=["sdpa", "exact", "poly:local_window=64"],
                    help="comma list of arms (sdpa, exact, poly[:option=value...], conv:...)")
     p.add_argument("--prompt", type=positive_int, default=256, help="prompt tokens")
     p.add_argument("--new-tokens", type=_new_tokens, default=64, help="tokens generated (>= 2)")

@@ -185,8 +185,23 @@ def _arm(spec: str) -> str:
     return spec
 
 
+def arm_list(text: str) -> list:
+    """An argparse type: a comma list of arms, where an item `option=value` without a method continues the arm
+    before it ("poly:local_window=64,poly_decode_state=false,sdpa" is two arms); a bad arm is a usage error."""
+    specs: list = []
+    for item in text.split(","):
+        if specs and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    try:
+        return [_arm(spec) for spec in specs]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arms", type=comma_list(_arm), default=["sdpa", "exact", "poly", "band:local_window=64"],
+    p.add_argument("--arms", type=arm_list, default=["sdpa", "exact", "poly", "band:local_window=64"],
                    help="comma list of arms (sdpa, exact, poly[:option=value...], band:..., conv:...)")
     p.add_argument("--lengths", type=comma_list(positive_int), default=[1024, 2048, 4096],
                    help="comma list of sequence lengths")

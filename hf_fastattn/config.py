@@ -48,6 +48,10 @@ class FastAttnConfig:
             the backward recomputes them and a layer keeps only q, k, v, out and two floats per row, as
             FlashAttention does. The torch path always recomputes. Keep it off under non-reentrant activation
             checkpointing: the states hang on the autograd node, outside the tensors checkpointing frees.
+        poly_decode_state: in inference, keep each layer's far keys as a prefix state [r, Dv + 1] between decode
+            calls (`ops/poly/recurrent.py`): a new token's far part costs O(r Dv) instead of O(N D) once the far
+            keys outnumber the r features; it holds r (Dv + 1) floats per K/V head and batch row (4.3 MB at
+            D = 128, as much as about 8k tokens of a bf16 KV cache). Off: every decode call runs the direct form.
         conv_k: number of conv bases k.
         conv_T, conv_delta, conv_eps: the recovery search parameters of the conv-basis paper (a window
             of T diagonal entries, the threshold delta and the noise level eps).
@@ -68,6 +72,7 @@ class FastAttnConfig:
     feature_cap: int = 65536
     kernel: str = "auto"
     poly_save_states: bool = False
+    poly_decode_state: bool = True
     conv_k: int = 16
     conv_T: int = 8
     conv_delta: float = 0.5
@@ -84,10 +89,9 @@ class FastAttnConfig:
         _check_choice("kernel", self.kernel, BACKENDS)
         _check_choice("conv_placement", self.conv_placement, CONV_PLACEMENTS)
         _check_int("degree", self.degree, 2)
-        if not isinstance(self.poly_save_states, bool):
-            raise ValueError(
-                f"fastattn_config['poly_save_states'] must be true or false; got {self.poly_save_states!r}"
-            )
+        for name in ("poly_save_states", "poly_decode_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fastattn_config[{name!r}] must be true or false; got {getattr(self, name)!r}")
         if self.degree % 2:
             raise ValueError(
                 f"fastattn_config['degree'] must be even (2, 4, 6, ...): an odd Taylor polynomial of exp goes "

@@ -17,11 +17,12 @@ cannot get its minimum is skipped, and the stages go in the order of what the is
   model       training steps of a 4-layer decoder (H = 16, D = 128): SDPA vs poly vs band, 16k .. 128k
   targets     scripts/poly_targets.py on the bench JSON: the rate each target needs beside the rate reached
   compile     generate() auto-compiled with CUDA graphs through the attention custom op (not issue 7's: last)
+  decode      poly decode calls from a kept prefix state vs the direct form, 16k .. 1M keys (not issue 7's either)
 
 The benches rewrite their JSON after every row and time repeats only until --repeat-seconds (SDPA's 30 s run at
 1M counts once), so a stage cut off at its limit keeps every row it finished. What comes back: session.log
 (every stage's output), session.json (each stage's status and seconds, rewritten after each), and the benches'
-and the model's JSON: five files, within the device tool's eight. docs/poly-triton.md, section 7, has the budget.
+the model's and the decode bench's JSON: six files, within the device tool's eight. docs/poly-triton.md, section 7, has the budget.
 
 `--smoke` runs the same stages on the CPU at toy sizes (the test suite does, to check this script's plumbing).
 """
@@ -110,6 +111,11 @@ def stages(smoke: bool, dest: Path, gpu: str) -> list[Stage]:
     # not issue 7's
     compiled = [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                 "tests/test_backend_families.py", "-k", "cuda_graphs"]
+    # poly decoding from a kept prefix state vs the direct form, Llama-8B-like heads (32 on 8, D = 128): last as well
+    decode = [py, "scripts/bench_poly_decode.py", "--device", dev[1], "--dtype", dtype,
+              "--heads", "4" if smoke else "32", "--kv-heads", "2" if smoke else "8", "--head-dim", str(dim[128]),
+              "--lengths", "300,600" if smoke else "16384,131072,1048576", "--steps", "5" if smoke else "9",
+              "--out", str(dest / f"poly-decode-{gpu}-{dtype}-d{dim[128]}.json")]
     return [
         Stage("tests", tests, 120, 30),
         Stage("bench-d128", bench(128), 200, 60),
@@ -118,6 +124,7 @@ def stages(smoke: bool, dest: Path, gpu: str) -> list[Stage]:
         Stage("model", model, 150, 60),
         Stage("targets", [py, "scripts/poly_targets.py"], 20, 5, (bench_json[128], bench_json[64])),
         Stage("compile", compiled, 90, 30),
+        Stage("decode", decode, 60, 20),
     ]
 
 

@@ -96,6 +96,39 @@ def test_cached_decode_equals_recomputation():
     assert torch.equal(model.generate(x, use_cache=True, **kw), model.generate(x, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])  # GQA; softcap + sliding layers; sinks
+def test_decode_state_generates_what_the_direct_form_does(family):
+    """Past r = 209 far keys (head_dim 16) decode reads them from a kept prefix state: greedy and beam search
+    (which reorders the cache: the state is rebuilt) give the direct form's tokens, scores within float32 rounding;
+    a training forward drops the state."""
+    from hf_fastattn.ops import stats
+
+    _, model = _poly_pair(family, local_window=1)
+    x = _tokens(2, 230, 8)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    runs = {}
+    for on in (True, False):
+        hf_fastattn.configure(model, method="poly", chunk_size=8, guard="off", local_window=1, poly_decode_state=on)
+        stats.reset()
+        greedy = model.generate(x, **kw)
+        beams = model.generate(x, num_beams=2, **kw)
+        runs[on] = (greedy, beams, stats.COUNTS["poly.recurrent"], stats.COUNTS["poly.direct"])
+    (g1, b1, rec1, _), (g0, b0, rec0, dir0) = runs[True], runs[False]
+    assert rec1 > 0 and rec0 == 0 and dir0 > 0
+    assert torch.equal(g1.sequences, g0.sequences) and torch.equal(b1.sequences, b0.sequences)
+    for a, b in zip(g1.scores + b1.scores, g0.scores + b0.scores):
+        assert (a - b).abs().max().item() < 1e-4
+    def kept():
+        return [n for n, m in model.named_modules() if backend._POLY_STATE in m.__dict__]
+
+    assert kept()  # full-attention layers (sliding ones run exactly)
+    model.train()
+    model(input_ids=x[:, :40], labels=x[:, :40]).loss.backward()
+    assert not kept()
+
+
 # ---------------------------------------------------------------------------------------- guard
 def test_guard_error_names_the_problem():
     _, model = _poly_pair("llama", guard="error")

@@ -61,7 +61,19 @@ def test_bench_good_specs_parse():
     assert (lengths, methods, modes) == ([64, 128], ["sdpa", "poly:band=8,chunk=64", "conv:k=4"], ["fwdbwd"])
 
 
+def test_arms_with_several_options():
+    """An option item after an arm continues it (the arms' list and an arm's options share the comma)."""
+    args = _args(bench_model, "--arms", "sdpa,poly:local_window=64,poly_decode_state=false,band:local_window=8,exact")
+    assert args.arms == ["sdpa", "poly:local_window=64,poly_decode_state=false", "band:local_window=8", "exact"]
+    from hf_fastattn.evaluation import parse_arm
+
+    assert parse_arm(args.arms[1])[1] == {"method": "poly", "guard": "off", "local_window": 64,
+                                          "poly_decode_state": False}
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--arms", "sdpa,poly:local_window=4,windw=2"], r"argument --arms: arm 'poly:local_window=4,windw=2': unknown "
+                                                       r"option 'windw'"),
     (["--modes", "fwd,train"], r"argument --modes: mode 'train': choose from fwd, fwdbwd"),
     (["--lengths", "1024,-1"], r"argument --lengths: '-1' is not a positive integer"),
     (["--arms", "sdpa,poly:degre=2"], r"argument --arms: arm 'poly:degre=2': unknown option 'degre'"),

@@ -179,6 +179,72 @@ def test_decode_computes_the_same_function(softcap):
         assert _rel(step, full[:, :, 50:51]) < 1e-12
 
 
+@pytest.mark.parametrize("band, softcap, pad, sinks, nq, start, stop", [
+    (0, None, False, False, 1, 30, 60), (1, None, True, False, 1, 30, 60), (5, 2.0, True, True, 1, 30, 60),
+    (5, None, True, False, 3, 30, 60),
+    (2, None, True, False, 2, 250, 530),  # the state's key sums cross blocks of 256 slots; a first build of two
+])
+def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, stop):
+    """Decoding with the far keys in a kept state is the direct form's function (float64, tight), call after call
+    on a growing cache: the state is extended, not rebuilt, and it is rebuilt for another cache (beams reordered,
+    padding changed, other options) instead of lending it another sequence's keys."""
+    from hf_fastattn.ops.poly import poly_recurrent_attention
+    from hf_fastattn.ops.poly.recurrent import far_end, worth_a_state
+
+    q, k, v = _qkv(3, 4, 2, stop, stop, 4, std=0.7)  # d = 4: r = 15 features, so 60 keys are mostly far
+    valid = _padding(3, stop) if pad else None
+    sink = torch.randn(4, dtype=F64) if sinks else None
+    coeffs = poly_coefficients(2)
+    args = (0.5, coeffs, band, softcap)
+    state = None
+    steps = list(range(start, stop + 1, nq)) if stop < 100 else [start, start + 5, 256, 300, 511, 513, 514, stop]
+    for nk in steps:  # the first call builds the state from start - nq - band + 1 far slots
+        sl = slice(nk - nq, nk)
+        kv = None if valid is None else valid[:, :nk]
+        out, new = poly_recurrent_attention(q[:, :, sl], k[:, :, :nk], v[:, :, :nk], *args, kv, sink, state)
+        ref = poly_direct_attention(q[:, :, sl], k[:, :, :nk], v[:, :, :nk], *args, kv, sink)
+        assert _rel(out, ref) < 1e-12
+        assert state is None or new is state  # extended in place
+        assert new.upto == far_end(nk, nq, band)
+        norms = k[:, :, : new.upto].norm(dim=-1)  # the far bound's max |k| (the row shift) is the direct form's
+        if valid is not None:
+            norms = norms.masked_fill(~valid[:, None, : new.upto], 0.0)
+        assert torch.allclose(new.kmax, norms.amax(-1), rtol=1e-14)
+        state = new
+    assert worth_a_state(stop, nq, band, 4, 2) and not worth_a_state(15 + nq + band - 1, nq, band, 4, 2)
+
+    def rebuilt(q_, k_, v_, kv, *opts):
+        out, new = poly_recurrent_attention(q_, k_, v_, *opts, kv, sink, state)
+        assert new is not state
+        assert _rel(out, poly_direct_attention(q_, k_, v_, *opts, kv, sink)) < 1e-12
+
+    perm = torch.tensor([2, 0, 1])  # beam search reorders the cache's rows
+    rebuilt(q[perm, :, -nq:], k[perm], v[perm], None if valid is None else valid[perm], *args)
+    k1 = k.clone()
+    k1[1, :, 17] = torch.randn(2, 4, dtype=F64)  # beams that differ in one early key
+    rebuilt(q[:, :, -nq:], k1, v, valid, *args)
+    other = torch.ones(3, stop, dtype=torch.bool)
+    other[1, :7] = False  # the same keys with other padding
+    rebuilt(q[:, :, -nq:], k, v, other, *args)
+    rebuilt(q[:, :, -nq:], k, v, valid, 0.25, coeffs, band, softcap)  # another scale: another function
+
+
+def test_recurrent_decode_state_is_guarded_like_the_chunk_path():
+    """The state's features are sums in float32, so they cancel as the chunk path's do (degree 4, s q_a k_a = +-100):
+    the direct form is exact there, the state is not, and the guard's rounding term for the state path sees it."""
+    from hf_fastattn.ops.poly import path_roundoff, poly_recurrent_attention
+
+    q, k, v, s = _cancelling(64, 2, 200.0)
+    c = poly_coefficients(4)
+    ref = naive_poly_attention(q.double(), k.double(), v.double(), s, c, 0)[:, :, -1:]
+    direct = poly_direct_attention(q[:, :, -1:], k, v, s, c)
+    out, _ = poly_recurrent_attention(q[:, :, -1:], k, v, s, c)
+    assert _rel(direct.double(), ref) < 1e-4 and _rel(out.double(), ref) > 1.0
+    assert path_roundoff(q[:, :, -1:], v, 4, 8, "auto") == 0.0
+    u = path_roundoff(q[:, :, -1:], v, 4, 8, "auto", decode_state=True)
+    assert u == 2.0**-24 and guard_stats(q[:, :, -1:], k, s, c, roundoff=u).worst > 0.05
+
+
 def test_public_function_dispatch_and_errors():
     q, k, v = _qkv(1, 4, 2, 20, 20, 8)
     assert torch.allclose(poly_attention(q, k, v, 0.3, chunk=64), poly_attention(q, k, v, 0.3, chunk=4), atol=1e-12)

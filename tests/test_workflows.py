@@ -351,13 +351,15 @@ def test_gpu_session_smoke(tmp_path):
     run in order with the same commands, a failing stage (the profile needs CUDA) does not stop the rest, each
     stage's status is recorded, and what comes back fits the device tool's limits (8 files, plain names)."""
     r = subprocess.run([sys.executable, "scripts/gpu_session.py", "--smoke", "--out", str(tmp_path),
-                        "--only", "tests,bench-d128,profile,targets"], capture_output=True, text=True, timeout=600,
+                        "--only", "tests,bench-d128,profile,targets,decode"], capture_output=True, text=True, timeout=600,
                        cwd=ROOT)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the profile stage failed, as it must on CPU
     stages = {s["name"]: s for s in json.loads((tmp_path / "session.json").read_text())["stages"]}
-    assert list(stages) == ["tests", "bench-d128", "profile", "targets"]
+    assert list(stages) == ["tests", "bench-d128", "profile", "targets", "decode"]
     assert stages["profile"]["status"] == "failed" and stages["profile"]["rc"] == 1
-    assert all(stages[s]["status"] == "ok" for s in ("tests", "bench-d128", "targets"))
+    assert all(stages[s]["status"] == "ok" for s in ("tests", "bench-d128", "targets", "decode"))
+    dec = json.loads((tmp_path / "poly-decode-cpu-fp32-d16.json").read_text())
+    assert [r["n"] for r in dec["rows"]] == [300, 600] and max(r["rel_diff"] for r in dec["rows"]) < 1e-4
     rep = json.loads((tmp_path / "attention-cpu-fp32-d16.json").read_text())
     assert "partial" not in rep and rep["config"]["repeat_seconds"] == 5
     assert {(r["method"], r["mode"]) for r in rep["results"] if r.get("runs", 0) >= 1} == {
@@ -404,7 +406,12 @@ def test_gpu_session_commands_parse(tmp_path):
     import profile_poly
 
     plan = {s.name: s for s in gs.stages(False, tmp_path, "h200")}
-    assert list(plan) == ["tests", "bench-d128", "bench-d64", "profile", "model", "targets", "compile"]
+    assert list(plan) == ["tests", "bench-d128", "bench-d64", "profile", "model", "targets", "compile", "decode"]
+    import bench_poly_decode
+
+    dec = bench_poly_decode.parser().parse_args(plan["decode"].cmd[2:])
+    assert (dec.device, dec.dtype, dec.heads, dec.kv_heads, dec.head_dim) == ("cuda", "bf16", 32, 8, 128)
+    assert dec.lengths[-1] == 2**20 and dec.out.endswith("poly-decode-h200-bf16-d128.json")
     compiled = plan["compile"].cmd
     assert compiled[compiled.index("-k") + 1] == "cuda_graphs" and "tests/test_backend_families.py" in compiled
     selected = subprocess.run([sys.executable, *compiled[1:], "--co", "-q"], capture_output=True, text=True,

@@ -12,8 +12,9 @@ from .chunk import poly_chunk_attention, poly_direct_attention
 from .features import FeatureMap, check_feature_count, poly_coefficients
 from .guard import GuardStats, guard_stats
 from .naive import naive_poly_attention
+from .recurrent import PolyDecodeState, poly_recurrent_attention
 
-__all__ = ["poly_attention", "path_roundoff", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
+__all__ = ["poly_attention", "poly_recurrent_attention", "PolyDecodeState", "path_roundoff", "naive_poly_attention", "poly_coefficients", "guard_stats", "GuardStats", "FeatureMap"]
 
 
 _TRITON_FAILED: list = []
@@ -38,15 +39,17 @@ def auto_uses_triton(is_cuda: bool, degree: int, head_dim: int, dtype: torch.dty
     return fits and _triton_available() and not _TRITON_FAILED
 
 
-def path_roundoff(q: torch.Tensor, v: torch.Tensor, degree: int, chunk: int, kernel: str) -> float:
+def path_roundoff(q: torch.Tensor, v: torch.Tensor, degree: int, chunk: int, kernel: str,
+                  decode_state: bool = False) -> float:
     """Unit roundoff of the feature expansion on the path `poly_attention` takes for these inputs (the guard's
-    rounding term): 0 for the direct form (Nq <= chunk: P is evaluated on each logit, nothing cancels); the
+    rounding term): 0 for the direct form (Nq <= chunk: P is evaluated on each logit, nothing cancels) unless
+    the far keys come from a decode state (`poly_recurrent_attention`, features in the accumulation dtype); the
     Triton kernels keep bf16 states for 16-bit inputs and run float32 dots on TF32 tensor cores on a GPU; the
     torch chunk path computes features and states in the accumulation dtype (float32, float64 for float64)."""
-    if q.shape[2] <= chunk:
+    if q.shape[2] <= chunk and not decode_state:
         return 0.0
     auto = kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype, v.shape[-1])
-    if kernel == "triton" or auto:
+    if (kernel == "triton" or auto) and not decode_state:
         if q.dtype != torch.float32:
             return 2.0**-9
         return 2.0**-11 if q.is_cuda else 2.0**-24
@@ -89,7 +92,8 @@ def poly_attention(
         sinks: [H] attention-sink logits (GPT-OSS's s_aux) joining every row's normaliser, or None.
 
     Returns:
-        [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function.
+        [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function; the backend
+        decodes with a kept prefix state instead (`poly_recurrent_attention`) when that costs less.
     """
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])

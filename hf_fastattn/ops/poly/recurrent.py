@@ -1,0 +1,150 @@
+"""Polynomial attention for decoding with the far keys in a kept prefix state (the recurrent form).
+
+The function is the chunk path's (`chunk.py`): exact band, P(x) = phi_q(q) . phi_k(k) beyond it. A decoding
+call (Nq new rows at the end of a cache of Nk slots) reads the keys that are far for its first row from
+    S = sum_j phi_k(k_j) [v_j, 1]^T   ([r, Dv + 1] per K/V head, float32),
+kept between calls and extended by the keys that have left the band since the last one, and computes the
+remaining band + Nq keys directly. A token's far part then costs O(r Dv) instead of O(Nk D): fewer operations
+than the direct form once the far keys outnumber the features (`worth_a_state`). The state keeps the
+running max |k| of its keys (the far bound that sets the row shift) and the sums of its keys per block of 256
+slots, which each call compares with the cache it is given (one read of K, no exp and no V: a fraction of the
+direct form's pass): a cache that was refilled or reordered (beam search) rebuilds the state instead of reading
+another sequence's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import acc_dtype
+from ..stats import count
+from .chunk import NEG_INF, _values, _with_ones, direct_weights, far_scale, has_far_key, row_shift
+from .features import FeatureMap, abs_poly
+
+_BLOCK = 256  # key slots per block of the state's key sums; also per feature product when absorbing a long cache
+
+
+@dataclass
+class PolyDecodeState:
+    """The far keys [0, upto) of one layer's cache for the function `spec`."""
+
+    s: torch.Tensor  # [B, Hkv, r, Dv + 1] sum_j valid_j phi_k(k_j) [v_j, 1]
+    kmax: torch.Tensor  # [B, Hkv] max |k_j| over the valid keys absorbed
+    ksum: torch.Tensor  # [B, Hkv, ceil(upto / _BLOCK), D] key sums per block of slots: which cache it belongs to
+    valid: torch.Tensor  # [B, upto] bool, the padding it was built with
+    kscale: torch.Tensor  # [B, Hkv] max |k| coordinate absorbed (>= 1): the scale of the sums' rounding
+    upto: int
+    spec: tuple
+
+
+def far_end(nk: int, nq: int, band: int) -> int:
+    """Key slots [0, far_end) are far for every one of the last nq rows (slot - j >= band)."""
+    return max(0, nk - nq - band + 1)
+
+
+def worth_a_state(nk: int, nq: int, band: int, d: int, degree: int) -> bool:
+    """Fewer operations with the state than directly: more far keys than features."""
+    return far_end(nk, nq, band) > FeatureMap.get(d, degree).r
+
+
+def _fresh(k, v, spec, r, dt) -> PolyDecodeState:
+    b, hkv, _, d = k.shape
+    zeros = dict(dtype=dt, device=k.device)
+    return PolyDecodeState(torch.zeros(b, hkv, r, v.shape[-1] + 1, **zeros), torch.zeros(b, hkv, **zeros),
+                           torch.zeros(b, hkv, 0, d, **zeros), torch.zeros(b, 0, dtype=torch.bool, device=k.device),
+                           torch.ones(b, hkv, **zeros), 0, spec)
+
+
+def _block_sums(k, lo, hi, dt) -> torch.Tensor:
+    """[B, Hkv, blocks, D]: key sums of the slots [lo, hi) per block of _BLOCK (the first and last in part), as a
+    strided reduction of the cache (a matmul would copy a sliced cache to batch it)."""
+    first = -(-lo // _BLOCK) * _BLOCK  # lo rounded up
+    full = max(first, hi // _BLOCK * _BLOCK)
+    parts = [k[:, :, lo : min(first, hi)].sum(-2, keepdim=True, dtype=dt)] if lo < first else []
+    if first < full:
+        parts.append(k[:, :, first:full].unflatten(2, (-1, _BLOCK)).sum(-2, dtype=dt))
+    if full < hi and first < hi:
+        parts.append(k[:, :, full:hi].sum(-2, keepdim=True, dtype=dt))
+    return torch.cat(parts, dim=2)
+
+
+def _matches(state, k, valid, spec, end, dt) -> bool:
+    """Is `state` this cache's? The same padding, and per block the same key sums up to the rounding of a sum of
+    _BLOCK keys in another order (beams that differ in one key of a block differ by that key in some coordinate)."""
+    if state is None or state.spec != spec or state.s.shape[:2] != k.shape[:2] or state.upto > end:
+        return False
+    if state.upto == 0:
+        return True
+    if not torch.equal(valid[:, : state.upto], state.valid):
+        return False
+    tol = _BLOCK**2 * torch.finfo(dt).eps / 4 * state.kscale[..., None, None]
+    return bool(((_block_sums(k, 0, state.upto, dt) - state.ksum).abs() <= tol).all())
+
+
+def _absorb(state, fmap, k, v, valid, end, dt) -> None:
+    """Add the key slots [state.upto, end) to the state."""
+    lo = state.upto
+    if lo >= end:
+        return
+    for at in range(lo, end, _BLOCK):
+        sl = slice(at, min(end, at + _BLOCK))
+        kk = k[:, :, sl].to(dt)
+        state.s += fmap(kk).transpose(-1, -2) @ _values(v, valid, sl, dt)
+        norms = torch.linalg.vector_norm(kk, dim=-1).masked_fill(~valid[:, None, sl], 0.0)
+        state.kmax = torch.maximum(state.kmax, norms.amax(-1))
+        state.kscale = torch.maximum(state.kscale, kk.abs().amax((-2, -1)))
+    sums = _block_sums(k, lo, end, dt)
+    if lo % _BLOCK:  # the first part continues the last block
+        state.ksum[:, :, -1] += sums[:, :, 0]
+        sums = sums[:, :, 1:]
+    state.ksum = torch.cat([state.ksum, sums], dim=2)
+    state.valid = torch.cat([state.valid, valid[:, lo:end]], dim=1)
+    state.upto = end
+
+
+@torch.no_grad()
+def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None, state=None):
+    """The last Nq rows against the cache k, v: [B, Hkv, Nk, D], q: [B, H, Nq, D], with the far keys from
+    `state` (None, or one built on another cache: a new one). Returns (out [B, H, Nq, Dv], state). Inference
+    only (no autograd); the numbers are those of `poly_direct_attention` up to float32 rounding of S."""
+    count("poly.recurrent")
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dt = acc_dtype(q.dtype)
+    valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    fmap = FeatureMap.get(d, len(coeffs) - 1)
+    spec = (float(scale), tuple(coeffs), int(band), d, v.shape[-1], dt)
+    end = far_end(nk, nq, band)
+    if not _matches(state, k, valid, spec, end, dt):
+        state = _fresh(k, v, spec, fmap.r, dt)
+    _absorb(state, fmap, k, v, valid, end, dt)
+
+    q5 = q.view(b, hkv, h // hkv, nq, d).to(dt)
+    kd, vd, vald = k[:, :, end:].to(dt), v[:, :, end:], valid[:, end:]
+    slots = torch.arange(nk - nq, nk, device=q.device)
+    dist = slots[:, None] - torch.arange(end, nk, device=q.device)[None, :]
+    x = (q5 * scale) @ kd[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk - end]
+    xn = x if softcap is None else softcap * torch.tanh(x / softcap)
+    near = (dist >= 0) & (dist < band) & vald[:, None, None, None, :]
+    kmax = state.kmax  # the far bound's max |k| over every valid key: the state's and the direct ones
+    if nk > end:
+        kmax = torch.maximum(kmax, torch.linalg.vector_norm(kd, dim=-1).masked_fill(~vald[:, None], 0.0).amax(-1))
+    bound = torch.log(abs_poly(coeffs, scale * torch.linalg.vector_norm(q5, dim=-1) * kmax[:, :, None, None]))
+    has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
+    band_max = torch.where(near, xn, NEG_INF).amax(-1) if nk > end else torch.full_like(bound, NEG_INF)
+    m = row_shift(band_max, bound, has_far)
+    sink = None if sinks is None else sinks.to(dt).view(1, hkv, h // hkv, 1)
+    if sink is not None:
+        m = torch.maximum(m, sink)
+    w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far)
+    nd = w @ _with_ones(vd.to(dt))[:, :, None]  # [B, Hkv, G, Nq, Dv + 1]
+    coef = fmap.coefficients(coeffs, scale, dt, q.device)
+    far = fmap(q5) @ (coef[:, None] * state.s)[:, :, None]  # phi_q . S
+    nd = nd + far_scale(m, has_far)[..., None] * far
+    den = nd[..., -1:]
+    if sink is not None:
+        den = den + torch.exp(sink - m)[..., None]
+    out = nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
+    return out.reshape(b, h, nq, -1).to(q.dtype), state
