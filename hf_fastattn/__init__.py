@@ -12,7 +12,8 @@ from .config import FastAttnConfig, get_config
 __version__ = "0.1.0"
 NAME = "fastattn"
 
-__all__ = ["FastAttnConfig", "configure", "diagnose", "plan", "get_config", "register", "NAME", "__version__"]
+__all__ = ["FastAttnConfig", "configure", "diagnose", "plan", "get_config", "register", "reset_states", "NAME",
+           "__version__"]
 
 
 def register(name: str = NAME) -> str:
@@ -52,9 +53,25 @@ def configure(model, options: dict | FastAttnConfig | None = None, *, replace: b
     stored = cfg.to_dict()
     for c in _configs(model):
         c.fastattn_config = stored
+    reset_states(model)  # a conv basis or plan group state kept for decoding belongs to the old options
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.set_attn_implementation(NAME)
     return cfg
+
+
+def reset_states(model) -> int:
+    """Drop what the layers keep between inference calls for decoding (poly's prefix states, conv's bases, a
+    plan's group states): they hold tensors of the last sequence until the next one replaces them. Returns how
+    many layers had any. A new sequence does not need this: each state is checked against the cache it is given."""
+    from .backend import _STATES
+
+    dropped = 0
+    for module in model.modules():
+        found = [name for name in _STATES if name in module.__dict__]
+        for name in found:
+            del module.__dict__[name]
+        dropped += bool(found)
+    return dropped
 
 
 def diagnose(model, data, settings=None, **kwargs):

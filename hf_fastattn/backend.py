@@ -152,6 +152,8 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
 
 
 _CONV_STATE = "_fastattn_conv_state"
+_PLAN_STATE = "_fastattn_plan_state"
+_STATES = (_POLY_STATE, _CONV_STATE, _PLAN_STATE)  # what layers keep between inference calls (`reset_states`)
 
 
 @register_method("conv")
@@ -705,7 +707,7 @@ def _run_plan(q, k, v, *, heads, cfg, module, sinks=None, **opts):
     h, hkv = q.shape[1], k.shape[1]
     g = h // hkv
     names = sorted(set(heads), key=heads.index)
-    states = module.__dict__.setdefault("_fastattn_plan_state", {}) if module is not None else {}
+    states = module.__dict__.setdefault(_PLAN_STATE, {}) if module is not None else {}
     outs, order = [], []
     for name in names:
         idx = [i for i, s in enumerate(heads) if s == name]

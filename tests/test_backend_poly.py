@@ -100,7 +100,7 @@ def test_cached_decode_equals_recomputation():
 def test_decode_state_generates_what_the_direct_form_does(family):
     """Past r = 209 far keys (head_dim 16) decode reads them from a kept prefix state: greedy and beam search
     (which reorders the cache: the state is rebuilt) give the direct form's tokens, scores within float32 rounding;
-    a training forward drops the state."""
+    a training forward, reset_states and configure drop the states."""
     from hf_fastattn.ops import stats
 
     _, model = _poly_pair(family, local_window=1)
@@ -109,7 +109,7 @@ def test_decode_state_generates_what_the_direct_form_does(family):
     mask[1, :5] = 0
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
     runs = {}
-    for on in (True, False):
+    for on in (False, True):  # the state last: it stays on the layers (configure drops kept states)
         hf_fastattn.configure(model, method="poly", chunk_size=8, guard="off", local_window=1, poly_decode_state=on)
         stats.reset()
         greedy = model.generate(x, **kw)
@@ -126,6 +126,13 @@ def test_decode_state_generates_what_the_direct_form_does(family):
     assert kept()  # full-attention layers (sliding ones run exactly)
     model.train()
     model(input_ids=x[:, :40], labels=x[:, :40]).loss.backward()
+    assert not kept()
+    model.eval()
+    model.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    n = len(kept())
+    assert n and hf_fastattn.reset_states(model) == n and not kept()
+    model.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    hf_fastattn.configure(model, local_window=2)  # other options: the kept states are dropped
     assert not kept()
 
 
