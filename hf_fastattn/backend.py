@@ -119,7 +119,7 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     in a prefix state kept on the module (`ops/poly/recurrent.py`), extended call by call."""
     from .ops.poly import guard_stats, path_roundoff, poly_attention, poly_coefficients, poly_recurrent_attention
     from .ops.poly.features import check_feature_count
-    from .ops.poly.recurrent import worth_a_state
+    from .ops.poly.recurrent import key_moments as state_moments, worth_a_state
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
@@ -132,15 +132,21 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     stateful = (cfg.poly_decode_state and module is not None and not torch.is_grad_enabled() and nq < nk
                 and nq <= cfg.chunk_size and worth_a_state(nk, nq, cfg.local_window, q.shape[-1], cfg.degree))
     coeffs = poly_coefficients(cfg.degree, cfg.poly_coeffs, cfg.fit_range)
-    if cfg.guard != "off":
+
+    def guard_allows(moments=None):
         u = path_roundoff(q, v, cfg.degree, cfg.chunk_size, cfg.kernel, decode_state=stateful)
-        if not _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid, u), cfg, layer_idx, module):
-            return exact()
-    if stateful:
+        return _guard_allows("poly", guard_stats(q, k, scale, coeffs, kv_valid, u, moments), cfg, layer_idx, module)
+
+    if stateful:  # the guard after the state is extended: its key moments come from the state (no pass over K)
         check_feature_count(q.shape[-1], cfg.degree, cfg.feature_cap)
-        out, module.__dict__[_POLY_STATE] = poly_recurrent_attention(
-            q, k, v, scale, coeffs, cfg.local_window, softcap, kv_valid, sinks, module.__dict__.get(_POLY_STATE))
+        out, state = poly_recurrent_attention(q, k, v, scale, coeffs, cfg.local_window, softcap, kv_valid, sinks,
+                                              module.__dict__.get(_POLY_STATE))
+        module.__dict__[_POLY_STATE] = state
+        if cfg.guard != "off" and not guard_allows(state_moments(state, k, kv_valid)):
+            return exact()
         return _finite_or_exact(out, "poly", layer_idx, exact, module)
+    if cfg.guard != "off" and not guard_allows():
+        return exact()
     if module is not None and torch.is_grad_enabled():
         module.__dict__.pop(_POLY_STATE, None)  # training: nothing to extend, keep no references
     out = poly_attention(

@@ -136,6 +136,25 @@ def test_decode_state_generates_what_the_direct_form_does(family):
     assert not kept()
 
 
+def test_decode_state_guard_sees_what_the_direct_guard_sees():
+    """With the state the guard reads its key moments from it (no pass over the cache): the same statistics per
+    call as the direct path's guard, and its rounding term is the state path's (float32) instead of none."""
+    seen = {}
+    _, model = _poly_pair("llama", local_window=1)
+    x = _tokens(1, 230, 9)
+    for on in (False, True):
+        hf_fastattn.configure(model, guard="warn", poly_decode_state=on)
+        calls = seen.setdefault(on, [])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backend, "_guard_allows", lambda method, stats, *a: calls.append(stats) or True)
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
+    assert len(seen[True]) == len(seen[False]) > 2
+    for a, b in zip(seen[True], seen[False]):
+        assert a.sigma == pytest.approx(b.sigma, rel=1e-5) and a.bound == pytest.approx(b.bound, rel=1e-5)
+    decode = seen[True][2:]  # after the prefill's layers
+    assert all(r > 0 for st in decode for r in st.rounding) and all(r == 0 for st in seen[False][2:] for r in st.rounding)
+
+
 # ---------------------------------------------------------------------------------------- guard
 def test_guard_error_names_the_problem():
     _, model = _poly_pair("llama", guard="error")

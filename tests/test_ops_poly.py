@@ -212,6 +212,14 @@ def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, st
         assert torch.allclose(new.kmax, norms.amax(-1), rtol=1e-14)
         state = new
     assert worth_a_state(stop, nq, band, 4, 2) and not worth_a_state(15 + nq + band - 1, nq, band, 4, 2)
+    # the guard's key moments from the state equal a pass over the cache
+    from hf_fastattn.ops.poly.recurrent import key_moments
+
+    rows = q[:, :, steps[-1] - nq : steps[-1]]
+    kept = guard_stats(rows, k, 0.5, coeffs, valid, moments=key_moments(state, k, valid))
+    full = guard_stats(rows, k, 0.5, coeffs, valid)
+    for a, b in ((kept.bound, full.bound), (kept.sigma, full.sigma), (kept.predicted, full.predicted)):
+        assert a == pytest.approx(b, rel=1e-5)
 
     def rebuilt(q_, k_, v_, kv, *opts):
         out, new = poly_recurrent_attention(q_, k_, v_, *opts, kv, sink, state)

@@ -68,9 +68,25 @@ class GuardStats:
 
 
 @torch.no_grad()
-def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0) -> GuardStats:
+def key_moments(k: torch.Tensor, kv_valid: torch.Tensor | None = None) -> tuple:
+    """The key side of the guard over the real keys of k [B, Hkv, N, D]: (max |k| [B, Hkv], sum of k k^T
+    [B, Hkv, D, D], count [B]), in float32. Sums of key slots: a decode state accumulates them (`recurrent.py`)."""
+    kf = k.float()
+    if kv_valid is not None:
+        kf = kf.masked_fill(~kv_valid.bool()[:, None, :, None], 0.0)
+        count = kv_valid.bool().sum(-1)
+    else:
+        count = torch.full((k.shape[0],), k.shape[2], device=k.device)
+    norms = kf.norm(dim=-1)
+    kmax = norms.amax(-1) if norms.shape[-1] else norms.new_zeros(norms.shape[:-1])  # no keys (a decode state's rest)
+    return kmax, kf.transpose(-1, -2) @ kf, count
+
+
+@torch.no_grad()
+def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0, moments: tuple | None = None) -> GuardStats:
     """q: [B, H, Nq, D], k: [B, Hkv, Nk, D] -> per-head statistics over real tokens. `roundoff`: the unit
     roundoff u of the path that will run (`poly.path_roundoff`; 0 leaves rounding out of the prediction).
+    `moments`: `key_moments` of k, kept from earlier calls (then k's values are not read).
 
     kv_valid [B, Nk] marks real keys; the queries are the last Nq positions (bottom-right), so kv_valid[:, -Nq:]
     marks the real query rows. Padded slots are left out of the maxima, the second moments and their counts:
@@ -78,19 +94,17 @@ def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0) -> Gu
     the bound are the max over the batch's sequences (a per-sequence worst case)."""
     b, h, nq, d = q.shape
     hkv, nk_len = k.shape[1], k.shape[2]
-    qf, kf = q.float(), k.float()
+    qf = q.float()
     if kv_valid is None:
         kv_valid = torch.ones(b, nk_len, dtype=torch.bool, device=k.device)
-    key_real = kv_valid.bool()
-    q_real = key_real[:, -nq:] if nq <= nk_len else torch.ones(b, nq, dtype=torch.bool, device=q.device)
+    q_real = kv_valid.bool()[:, -nq:] if nq <= nk_len else torch.ones(b, nq, dtype=torch.bool, device=q.device)
     qf = qf.masked_fill(~q_real[:, None, :, None], 0.0)
-    kf = kf.masked_fill(~key_real[:, None, :, None], 0.0)
     nq_real = q_real.sum(-1).clamp_min(1).float()[:, None, None, None]  # [B, 1, 1, 1]
-    nk_real = key_real.sum(-1).clamp_min(1).float()[:, None, None, None]
+    kmax, ksq, count = key_moments(k, kv_valid) if moments is None else moments
     qmax = qf.norm(dim=-1).amax(-1)  # [B, H]
-    kmax = kf.norm(dim=-1).amax(-1).repeat_interleave(h // hkv, dim=1)  # [B, H]
+    kmax = kmax.float().repeat_interleave(h // hkv, dim=1)  # [B, H]
     mq = qf.transpose(-1, -2) @ qf / nq_real  # [B, H, D, D]
-    mk = (kf.transpose(-1, -2) @ kf / nk_real).repeat_interleave(h // hkv, dim=1)
+    mk = (ksq.float() / count.clamp_min(1).float()[:, None, None, None]).repeat_interleave(h // hkv, dim=1)
     sigma = scale * (mq * mk).sum((-1, -2)).clamp_min(0).sqrt()  # tr(Mq Mk), both symmetric
     bound = (scale * qmax * kmax).amax(0).tolist()
     sigma = sigma.amax(0).tolist()

@@ -21,6 +21,7 @@ import torch
 from ..masks import acc_dtype
 from ..stats import count
 from .chunk import NEG_INF, _values, _with_ones, direct_weights, far_scale, has_far_key, row_shift
+from . import guard
 from .features import FeatureMap, abs_poly
 
 _BLOCK = 256  # key slots per block of the state's key sums; also per feature product when absorbing a long cache
@@ -35,6 +36,7 @@ class PolyDecodeState:
     ksum: torch.Tensor  # [B, Hkv, ceil(upto / _BLOCK), D] key sums per block of slots: which cache it belongs to
     valid: torch.Tensor  # [B, upto] bool, the padding it was built with
     kscale: torch.Tensor  # [B, Hkv] max |k| coordinate absorbed (>= 1): the scale of the sums' rounding
+    ksq: torch.Tensor  # [B, Hkv, D, D] sum of k k^T over the valid keys: the guard's key moments (`key_moments`)
     upto: int
     spec: tuple
 
@@ -54,7 +56,7 @@ def _fresh(k, v, spec, r, dt) -> PolyDecodeState:
     zeros = dict(dtype=dt, device=k.device)
     return PolyDecodeState(torch.zeros(b, hkv, r, v.shape[-1] + 1, **zeros), torch.zeros(b, hkv, **zeros),
                            torch.zeros(b, hkv, 0, d, **zeros), torch.zeros(b, 0, dtype=torch.bool, device=k.device),
-                           torch.ones(b, hkv, **zeros), 0, spec)
+                           torch.ones(b, hkv, **zeros), torch.zeros(b, hkv, d, d, **zeros), 0, spec)
 
 
 def _block_sums(k, lo, hi, dt) -> torch.Tensor:
@@ -94,6 +96,8 @@ def _absorb(state, fmap, k, v, valid, end, dt) -> None:
         state.s += fmap(kk).transpose(-1, -2) @ _values(v, valid, sl, dt)
         norms = torch.linalg.vector_norm(kk, dim=-1).masked_fill(~valid[:, None, sl], 0.0)
         state.kmax = torch.maximum(state.kmax, norms.amax(-1))
+        kv = kk.masked_fill(~valid[:, None, sl, None], 0.0)
+        state.ksq += kv.transpose(-1, -2) @ kv
         state.kscale = torch.maximum(state.kscale, kk.abs().amax((-2, -1)))
     sums = _block_sums(k, lo, end, dt)
     if lo % _BLOCK:  # the first part continues the last block
@@ -102,6 +106,12 @@ def _absorb(state, fmap, k, v, valid, end, dt) -> None:
     state.ksum = torch.cat([state.ksum, sums], dim=2)
     state.valid = torch.cat([state.valid, valid[:, lo:end]], dim=1)
     state.upto = end
+
+
+def key_moments(state: PolyDecodeState, k: torch.Tensor, kv_valid: torch.Tensor | None) -> tuple:
+    """`guard.key_moments` of the whole cache k from the state's sums and the slots after it (no pass over K)."""
+    kmax, ksq, count = guard.key_moments(k[:, :, state.upto :], None if kv_valid is None else kv_valid[:, state.upto :])
+    return torch.maximum(kmax, state.kmax), ksq + state.ksq, count + state.valid.sum(-1)
 
 
 @torch.no_grad()
