@@ -468,6 +468,21 @@ def _cancelling(n, d, logit_scale, noise=1e-3):
     return q, k, torch.randn(1, 1, n, 4), logit_scale / d
 
 
+@pytest.mark.parametrize("nq", [1, 3])
+def test_guard_decode_rows_from_logits_equal_key_moments(nq):
+    """A few query rows (G Nq < D) take tr(Mq Mk) from their logits instead of the D x D key moments: the same
+    statistics (padding and GQA included), without the O(Nk D^2) pass at every decoded token."""
+    from hf_fastattn.ops.poly.guard import key_moments
+
+    q, k, _ = _qkv(2, 4, 2, nq, 50, 16, dtype=torch.float32)
+    valid = _padding(2, 50)
+    c = poly_coefficients(2)
+    fast, ref = guard_stats(q, k, 0.3, c, valid, 2**-24), guard_stats(q, k, 0.3, c, valid, 2**-24, key_moments(k, valid))
+    for a, b in ((fast.sigma, ref.sigma), (fast.bound, ref.bound), (fast.predicted, ref.predicted)):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert min(fast.sigma) > 0.1
+
+
 def test_guard_predicts_float_rounding_of_cancelling_features():
     """Degree 4, float32 torch path, logits |x| < 1 but s q_a k_a = +-100: the expansion's terms (~7e7 per key)
     cancel to P ~ 1, and rounding leaves nothing of the denominator: the measured output is many times |v|. The

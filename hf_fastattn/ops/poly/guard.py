@@ -67,19 +67,25 @@ class GuardStats:
         )
 
 
+def _real_keys(k, kv_valid) -> tuple:
+    """k in float32 with padded slots zeroed, and the real keys' count [B]."""
+    kf = k.float()
+    if kv_valid is None:
+        return kf, torch.full((k.shape[0],), k.shape[2], device=k.device)
+    return kf.masked_fill(~kv_valid.bool()[:, None, :, None], 0.0), kv_valid.bool().sum(-1)
+
+
+def _max_norm(kf) -> torch.Tensor:
+    norms = kf.norm(dim=-1)
+    return norms.amax(-1) if norms.shape[-1] else norms.new_zeros(norms.shape[:-1])  # no keys (a decode state's rest)
+
+
 @torch.no_grad()
 def key_moments(k: torch.Tensor, kv_valid: torch.Tensor | None = None) -> tuple:
     """The key side of the guard over the real keys of k [B, Hkv, N, D]: (max |k| [B, Hkv], sum of k k^T
     [B, Hkv, D, D], count [B]), in float32. Sums of key slots: a decode state accumulates them (`recurrent.py`)."""
-    kf = k.float()
-    if kv_valid is not None:
-        kf = kf.masked_fill(~kv_valid.bool()[:, None, :, None], 0.0)
-        count = kv_valid.bool().sum(-1)
-    else:
-        count = torch.full((k.shape[0],), k.shape[2], device=k.device)
-    norms = kf.norm(dim=-1)
-    kmax = norms.amax(-1) if norms.shape[-1] else norms.new_zeros(norms.shape[:-1])  # no keys (a decode state's rest)
-    return kmax, kf.transpose(-1, -2) @ kf, count
+    kf, count = _real_keys(k, kv_valid)
+    return _max_norm(kf), kf.transpose(-1, -2) @ kf, count
 
 
 @torch.no_grad()
@@ -94,18 +100,29 @@ def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0, momen
     the bound are the max over the batch's sequences (a per-sequence worst case)."""
     b, h, nq, d = q.shape
     hkv, nk_len = k.shape[1], k.shape[2]
+    g = h // hkv
     qf = q.float()
-    if kv_valid is None:
-        kv_valid = torch.ones(b, nk_len, dtype=torch.bool, device=k.device)
-    q_real = kv_valid.bool()[:, -nq:] if nq <= nk_len else torch.ones(b, nq, dtype=torch.bool, device=q.device)
+    if kv_valid is not None and nq <= nk_len:
+        q_real = kv_valid.bool()[:, -nq:]
+    else:  # every key real (no mask to apply to them), or queries beyond the keys
+        q_real = torch.ones(b, nq, dtype=torch.bool, device=q.device)
     qf = qf.masked_fill(~q_real[:, None, :, None], 0.0)
-    nq_real = q_real.sum(-1).clamp_min(1).float()[:, None, None, None]  # [B, 1, 1, 1]
-    kmax, ksq, count = key_moments(k, kv_valid) if moments is None else moments
+    nq_real = q_real.sum(-1).clamp_min(1).float()[:, None]  # [B, 1]
     qmax = qf.norm(dim=-1).amax(-1)  # [B, H]
-    kmax = kmax.float().repeat_interleave(h // hkv, dim=1)  # [B, H]
-    mq = qf.transpose(-1, -2) @ qf / nq_real  # [B, H, D, D]
-    mk = (ksq.float() / count.clamp_min(1).float()[:, None, None, None]).repeat_interleave(h // hkv, dim=1)
-    sigma = scale * (mq * mk).sum((-1, -2)).clamp_min(0).sqrt()  # tr(Mq Mk), both symmetric
+    if moments is None and g * nq < d:
+        # a few rows (decode): tr(Mq Mk) = mean over (row, key) of (q.k)^2, from the logits, O(Nq Nk D), where the
+        # key moments would cost O(Nk D^2)
+        kf, count = _real_keys(k, kv_valid)
+        x = qf.reshape(b, hkv, g * nq, d) @ kf.transpose(-1, -2)  # [B, Hkv, G Nq, Nk]
+        tr = x.view(b, h, -1).square().sum(-1) / (nq_real * count.clamp_min(1).float()[:, None])
+        kmax = _max_norm(kf)
+    else:
+        kmax, ksq, count = key_moments(k, kv_valid) if moments is None else moments
+        mq = qf.transpose(-1, -2) @ qf / nq_real[..., None, None]  # [B, H, D, D]
+        mk = (ksq.float() / count.clamp_min(1).float()[:, None, None, None]).repeat_interleave(g, dim=1)
+        tr = (mq * mk).sum((-1, -2))  # tr(Mq Mk), both symmetric
+    kmax = kmax.float().repeat_interleave(g, dim=1)  # [B, H]
+    sigma = scale * tr.clamp_min(0).sqrt()
     bound = (scale * qmax * kmax).amax(0).tolist()
     sigma = sigma.amax(0).tolist()
     rounding = [roundoff * float(abs_poly(coeffs, torch.tensor(bb, dtype=torch.float64))) for bb in bound]
