@@ -31,13 +31,23 @@ NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------- shared pieces (fwd, bwd, direct)
-def far_log_bound(q5, k, valid, scale, coeffs):
+def max_key_norm(k, valid=None):
+    """[B, Hkv]: max |k_j| over the valid keys of k [B, Hkv, Nk, D] (0 without any), accumulated in the
+    accumulation dtype without a converted copy of k (gigabytes at 1M tokens)."""
+    norms = torch.linalg.vector_norm(k, dim=-1, dtype=acc_dtype(k.dtype))
+    if valid is not None:
+        norms = norms.masked_fill(~valid[:, None, :], 0.0)
+    return norms.amax(-1) if norms.shape[-1] else norms.new_zeros(norms.shape[:-1])
+
+
+def far_log_bound(q5, k, valid, scale, coeffs, kmax=None):
     """log of sum_t |c_t| (s |q_i| max_j |k_j|)^t >= log P(x_ij) for every valid key j: [B, Hkv, G, Nq] from
-    q5 [B, Hkv, G, Nq, D], k [B, Hkv, Nk, D], valid [B, Nk]. The norms accumulate in the accumulation dtype
-    without a converted copy of q or k (gigabytes at 1M tokens)."""
-    dt = acc_dtype(q5.dtype)
-    kmax = torch.linalg.vector_norm(k, dim=-1, dtype=dt).masked_fill(~valid[:, None, :], 0.0).amax(-1)
-    beta = scale * torch.linalg.vector_norm(q5, dim=-1, dtype=dt) * kmax[:, :, None, None]
+    q5 [B, Hkv, G, Nq, D], k [B, Hkv, Nk, D], valid [B, Nk]. `kmax` [B, Hkv]: the max |k| of keys held elsewhere
+    (a decode state's), joined with k's."""
+    km = max_key_norm(k, valid)
+    if kmax is not None:
+        km = torch.maximum(km, kmax)
+    beta = scale * torch.linalg.vector_norm(q5, dim=-1, dtype=acc_dtype(q5.dtype)) * km[:, :, None, None]
     return torch.log(abs_poly(coeffs, beta))
 
 
@@ -284,30 +294,43 @@ def pad_to_chunks(q, k, v, kv_valid, chunk):
     return F.pad(q, (0, 0, 0, right)).contiguous(), kp.contiguous(), vp.contiguous(), valid
 
 
+def direct_form(q5, k, v, valid, first, scale, coeffs, band, softcap, sinks, far=None, kmax=None):
+    """The last Nq rows against the keys [first, Nk) of the cache k, v [B, Hkv, Nk, D] (valid [B, Nk]), computed
+    directly: [B, Hkv, G, Nq, Dv] from q5 [B, Hkv, G, Nq, D] in the accumulation dtype. The keys before `first`
+    come from a decode state (`recurrent.py`): `far` [B, Hkv, G, Nq, Dv + 1] = sum_j P(x_ij) [v_j, 1] unshifted,
+    `kmax` their max |k|; neither with first = 0. Autograd runs through it (the direct form's backward)."""
+    _, hkv, g, nq, _ = q5.shape
+    nk, dt = k.shape[2], q5.dtype
+    kd, vd, vald = k[:, :, first:], v[:, :, first:], valid[:, first:]
+    bound = far_log_bound(q5, kd, vald, scale, coeffs, kmax)
+    slots = torch.arange(nk - nq, nk, device=q5.device)
+    has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
+    x = (q5 * scale) @ kd.to(dt)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk - first]
+    dist = slots[:, None] - torch.arange(first, nk, device=q5.device)[None, :]
+    sink = None if sinks is None else sinks.to(dt).view(1, hkv, g, 1)
+    with torch.no_grad():
+        xn = x if softcap is None else softcap * torch.tanh(x / softcap)
+        near = (dist >= 0) & (dist < band) & vald[:, None, None, None, :]
+        band_max = torch.where(near, xn, NEG_INF).amax(-1) if nk > first else torch.full_like(bound, NEG_INF)
+        m = row_shift(band_max, bound, has_far)
+        if sink is not None:
+            m = torch.maximum(m, sink)
+    w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far)
+    nd = w @ _with_ones(vd.to(dt))[:, :, None]
+    if far is not None:
+        nd = nd + far_scale(m, has_far)[..., None] * far
+    den = nd[..., -1:]
+    if sink is not None:
+        den = den + torch.exp(sink - m)[..., None]
+    return nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
+
+
 def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None):
     """The same function computed directly against every key (decode: O(Nq Nk D)); autograd backward."""
     count("poly.direct")
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    dt = acc_dtype(q.dtype)
     valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
-    q5 = q.view(b, hkv, h // hkv, nq, d).to(dt)
-    bound = far_log_bound(q5, k, valid, scale, coeffs)
-    slots = torch.arange(nk - nq, nk, device=q.device)
-    has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
-    x = (q5 * scale) @ k.to(dt)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk]
-    dist = slots[:, None] - torch.arange(nk, device=q.device)[None, :]
-    sink = None if sinks is None else sinks.to(dt).view(1, hkv, h // hkv, 1)
-    with torch.no_grad():
-        xn = x if softcap is None else softcap * torch.tanh(x / softcap)
-        near = (dist >= 0) & (dist < band) & valid[:, None, None, None, :]
-        m = row_shift(torch.where(near, xn, NEG_INF).amax(-1), bound, has_far)
-        if sink is not None:
-            m = torch.maximum(m, sink)
-    w, _ = direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far)
-    nd = w @ _with_ones(v.to(dt))[:, :, None]
-    den = nd[..., -1:]
-    if sink is not None:
-        den = den + torch.exp(sink - m)[..., None]
-    out = nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
+    q5 = q.view(b, hkv, h // hkv, nq, d).to(acc_dtype(q.dtype))
+    out = direct_form(q5, k, v, valid, 0, scale, coeffs, band, softcap, sinks)
     return out.reshape(b, h, nq, -1).to(q.dtype)

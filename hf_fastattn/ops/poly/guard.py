@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..masks import acc_dtype
+from .chunk import max_key_norm
 from .features import abs_poly, gaussian_output_error, weight_error
 
 _SIGMAS = np.geomspace(1e-3, 1e3, 241)
@@ -68,24 +70,20 @@ class GuardStats:
 
 
 def _real_keys(k, kv_valid) -> tuple:
-    """k in float32 with padded slots zeroed, and the real keys' count [B]."""
-    kf = k.float()
+    """k in the accumulation dtype with padded slots zeroed, and the real keys' count [B]."""
+    kf = k.to(acc_dtype(k.dtype))
     if kv_valid is None:
         return kf, torch.full((k.shape[0],), k.shape[2], device=k.device)
     return kf.masked_fill(~kv_valid.bool()[:, None, :, None], 0.0), kv_valid.bool().sum(-1)
 
 
-def _max_norm(kf) -> torch.Tensor:
-    norms = kf.norm(dim=-1)
-    return norms.amax(-1) if norms.shape[-1] else norms.new_zeros(norms.shape[:-1])  # no keys (a decode state's rest)
-
-
 @torch.no_grad()
 def key_moments(k: torch.Tensor, kv_valid: torch.Tensor | None = None) -> tuple:
     """The key side of the guard over the real keys of k [B, Hkv, N, D]: (max |k| [B, Hkv], sum of k k^T
-    [B, Hkv, D, D], count [B]), in float32. Sums of key slots: a decode state accumulates them (`recurrent.py`)."""
+    [B, Hkv, D, D], count [B]), in the accumulation dtype. Sums of key slots: a decode state accumulates them
+    block by block (`recurrent.py`)."""
     kf, count = _real_keys(k, kv_valid)
-    return _max_norm(kf), kf.transpose(-1, -2) @ kf, count
+    return max_key_norm(kf), kf.transpose(-1, -2) @ kf, count
 
 
 @torch.no_grad()
@@ -113,9 +111,9 @@ def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0, momen
         # a few rows (decode): tr(Mq Mk) = mean over (row, key) of (q.k)^2, from the logits, O(Nq Nk D), where the
         # key moments would cost O(Nk D^2)
         kf, count = _real_keys(k, kv_valid)
-        x = qf.reshape(b, hkv, g * nq, d) @ kf.transpose(-1, -2)  # [B, Hkv, G Nq, Nk]
+        x = qf.reshape(b, hkv, g * nq, d) @ kf.float().transpose(-1, -2)  # [B, Hkv, G Nq, Nk]
         tr = x.view(b, h, -1).square().sum(-1) / (nq_real * count.clamp_min(1).float()[:, None])
-        kmax = _max_norm(kf)
+        kmax = max_key_norm(kf)
     else:
         kmax, ksq, count = key_moments(k, kv_valid) if moments is None else moments
         mq = qf.transpose(-1, -2) @ qf / nq_real[..., None, None]  # [B, H, D, D]

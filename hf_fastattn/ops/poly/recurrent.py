@@ -20,9 +20,9 @@ import torch
 
 from ..masks import acc_dtype
 from ..stats import count
-from .chunk import NEG_INF, _values, _with_ones, direct_weights, far_scale, has_far_key, row_shift
 from . import guard
-from .features import FeatureMap, abs_poly
+from .chunk import _values, direct_form
+from .features import FeatureMap
 
 _BLOCK = 256  # key slots per block of the state's key sums; also per feature product when absorbing a long cache
 
@@ -94,10 +94,9 @@ def _absorb(state, fmap, k, v, valid, end, dt) -> None:
         sl = slice(at, min(end, at + _BLOCK))
         kk = k[:, :, sl].to(dt)
         state.s += fmap(kk).transpose(-1, -2) @ _values(v, valid, sl, dt)
-        norms = torch.linalg.vector_norm(kk, dim=-1).masked_fill(~valid[:, None, sl], 0.0)
-        state.kmax = torch.maximum(state.kmax, norms.amax(-1))
-        kv = kk.masked_fill(~valid[:, None, sl, None], 0.0)
-        state.ksq += kv.transpose(-1, -2) @ kv
+        kmax, ksq, _ = guard.key_moments(kk, valid[:, sl])
+        state.kmax = torch.maximum(state.kmax, kmax)
+        state.ksq += ksq
         state.kscale = torch.maximum(state.kscale, kk.abs().amax((-2, -1)))
     sums = _block_sums(k, lo, end, dt)
     if lo % _BLOCK:  # the first part continues the last block
@@ -132,29 +131,7 @@ def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_va
     _absorb(state, fmap, k, v, valid, end, dt)
 
     q5 = q.view(b, hkv, h // hkv, nq, d).to(dt)
-    kd, vd, vald = k[:, :, end:].to(dt), v[:, :, end:], valid[:, end:]
-    slots = torch.arange(nk - nq, nk, device=q.device)
-    dist = slots[:, None] - torch.arange(end, nk, device=q.device)[None, :]
-    x = (q5 * scale) @ kd[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Nq, Nk - end]
-    xn = x if softcap is None else softcap * torch.tanh(x / softcap)
-    near = (dist >= 0) & (dist < band) & vald[:, None, None, None, :]
-    kmax = state.kmax  # the far bound's max |k| over every valid key: the state's and the direct ones
-    if nk > end:
-        kmax = torch.maximum(kmax, torch.linalg.vector_norm(kd, dim=-1).masked_fill(~vald[:, None], 0.0).amax(-1))
-    bound = torch.log(abs_poly(coeffs, scale * torch.linalg.vector_norm(q5, dim=-1) * kmax[:, :, None, None]))
-    has_far = has_far_key(valid, slots[None], band)[:, None, None, :]
-    band_max = torch.where(near, xn, NEG_INF).amax(-1) if nk > end else torch.full_like(bound, NEG_INF)
-    m = row_shift(band_max, bound, has_far)
-    sink = None if sinks is None else sinks.to(dt).view(1, hkv, h // hkv, 1)
-    if sink is not None:
-        m = torch.maximum(m, sink)
-    w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far)
-    nd = w @ _with_ones(vd.to(dt))[:, :, None]  # [B, Hkv, G, Nq, Dv + 1]
     coef = fmap.coefficients(coeffs, scale, dt, q.device)
-    far = fmap(q5) @ (coef[:, None] * state.s)[:, :, None]  # phi_q . S
-    nd = nd + far_scale(m, has_far)[..., None] * far
-    den = nd[..., -1:]
-    if sink is not None:
-        den = den + torch.exp(sink - m)[..., None]
-    out = nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)
+    far = fmap(q5) @ (coef[:, None] * state.s)[:, :, None]  # phi_q . S: [B, Hkv, G, Nq, Dv + 1]
+    out = direct_form(q5, k, v, valid, end, scale, coeffs, band, softcap, sinks, far, state.kmax)
     return out.reshape(b, h, nq, -1).to(q.dtype), state
