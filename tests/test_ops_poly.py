@@ -182,14 +182,18 @@ def test_decode_computes_the_same_function(softcap):
 @pytest.mark.parametrize("band, softcap, pad, sinks, nq, start, stop", [
     (0, None, False, False, 1, 30, 60), (1, None, True, False, 1, 30, 60), (5, 2.0, True, True, 1, 30, 60),
     (5, None, True, False, 3, 30, 60),
-    (2, None, True, False, 2, 250, 530),  # the state's key sums cross blocks of 256 slots; a first build of two
+    (2, None, True, False, 2, 250, 530),  # the real block size (64 slots); a first build of several blocks
 ])
-def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, stop):
+def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, stop, monkeypatch):
     """Decoding with the far keys in a kept state is the direct form's function (float64, tight), call after call
-    on a growing cache: the state is extended, not rebuilt, and it is rebuilt for another cache (beams reordered,
-    padding changed, other options) instead of lending it another sequence's keys."""
-    from hf_fastattn.ops.poly import poly_recurrent_attention
+    on a growing cache: the state is extended by whole blocks, not rebuilt, and it is rebuilt for another cache
+    (beams reordered, padding changed, other options) instead of lending it another sequence's keys."""
+    from hf_fastattn.ops.poly import poly_recurrent_attention, recurrent
     from hf_fastattn.ops.poly.recurrent import far_end, worth_a_state
+
+    if stop < 100:  # blocks of 8 slots, so that a short cache has several (the function does not depend on it)
+        monkeypatch.setattr(recurrent, "_BLOCK", 8)
+    block = recurrent._BLOCK
 
     q, k, v = _qkv(3, 4, 2, stop, stop, 4, std=0.7)  # d = 4: r = 15 features, so 60 keys are mostly far
     valid = _padding(3, stop) if pad else None
@@ -205,7 +209,7 @@ def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, st
         ref = poly_direct_attention(q[:, :, sl], k[:, :, :nk], v[:, :, :nk], *args, kv, sink)
         assert _rel(out, ref) < 1e-12
         assert state is None or new is state  # extended in place
-        assert new.upto == far_end(nk, nq, band)
+        assert new.upto == far_end(nk, nq, band) // block * block  # the whole blocks of far keys
         norms = k[:, :, : new.upto].norm(dim=-1)  # the far bound's max |k| (the row shift) is the direct form's
         if valid is not None:
             norms = norms.masked_fill(~valid[:, None, : new.upto], 0.0)
@@ -630,9 +634,10 @@ def test_guard_prediction_edges():
     tiny = predicted_error(coeffs, 0.0)
     assert 0 <= tiny <= gaussian_output_error(coeffs, 1e-3) * 1.001 and tiny == predicted_error(coeffs, 1e-6)
     assert predicted_error(coeffs, 0.5) == pytest.approx(gaussian_output_error(coeffs, 0.5), rel=1e-2)
-    st = GuardStats(bound=[1.0, 2.0, 3.0], sigma=[0.1, 0.9, 0.2], predicted=[0.01, 0.3, 0.02],
-                    worst_weight_error=[0.0] * 3)
+    st = GuardStats(bound=[1.0, 2.0, 3.0e4], sigma=[0.1, 0.9, 0.2], predicted=[0.01, 0.3, 0.02], coeffs=coeffs)
     assert st.worst == 0.3
+    assert st.worst_weight_error[:2] == [weight_error(coeffs, 1.0), weight_error(coeffs, 2.0)]
+    assert st.worst_weight_error[2] == math.inf
 
 
 def test_auto_kernel_dispatch(monkeypatch):

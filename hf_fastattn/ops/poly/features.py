@@ -58,9 +58,9 @@ def poly_minimum(coeffs) -> float:
     return float(poly_eval(coeffs, real).min()) if len(real) else float(c[0])
 
 
-def poly_eval(coeffs, x: torch.Tensor) -> torch.Tensor:
-    """P(x) by Horner's rule."""
-    out = torch.full_like(x, coeffs[-1])
+def poly_eval(coeffs, x):
+    """P(x) by Horner's rule (x a tensor or a float)."""
+    out = torch.full_like(x, coeffs[-1]) if isinstance(x, torch.Tensor) else float(coeffs[-1])
     for c in reversed(coeffs[:-1]):
         out = out * x + c
     return out
@@ -71,7 +71,7 @@ def poly_deriv(coeffs, x: torch.Tensor) -> torch.Tensor:
     return poly_eval(tuple(t * c for t, c in enumerate(coeffs))[1:], x)
 
 
-def abs_poly(coeffs, b: torch.Tensor) -> torch.Tensor:
+def abs_poly(coeffs, b):
     """sum_t |c_t| b^t >= |P(x)| for |x| <= b: the far-part bound behind the overflow-safe shift."""
     return poly_eval(tuple(abs(c) for c in coeffs), b)
 

@@ -51,12 +51,18 @@ class GuardStats:
     bound: list[float]  # B = s max|q| max|k|
     sigma: list[float]  # rms logit
     predicted: list[float]  # predicted relative output error: max(Gaussian-logit model at sigma, rounding)
-    worst_weight_error: list[float]  # e(B)
     rounding: list[float] | None = None  # bound on the float rounding of the feature expansion, u abs_poly(B)
+    coeffs: tuple | None = None  # the polynomial (for `worst_weight_error`)
 
     @property
     def worst(self) -> float:
         return max(self.predicted)
+
+    @property
+    def worst_weight_error(self) -> list[float]:
+        """e(B) per head, the worst relative error of one weight within the bound (on demand: a 4001-point scan
+        per head, which had cost a decode call more than its attention)."""
+        return [weight_error(self.coeffs, bb) if bb < 1e4 else math.inf for bb in self.bound]
 
     def describe(self, heads: list[int]) -> str:
         def rounding(h):
@@ -123,11 +129,12 @@ def guard_stats(q, k, scale, coeffs, kv_valid=None, roundoff: float = 0.0, momen
     sigma = scale * tr.clamp_min(0).sqrt()
     bound = (scale * qmax * kmax).amax(0).tolist()
     sigma = sigma.amax(0).tolist()
-    rounding = [roundoff * float(abs_poly(coeffs, torch.tensor(bb, dtype=torch.float64))) for bb in bound]
+    coeffs = tuple(float(c) for c in coeffs)
+    rounding = [roundoff * abs_poly(coeffs, bb) for bb in bound]
     return GuardStats(
         bound=bound,
         sigma=sigma,
         predicted=[max(predicted_error(coeffs, s), ROUNDING_TYPICAL * r) for s, r in zip(sigma, rounding)],
-        worst_weight_error=[weight_error(coeffs, bb) if bb < 1e4 else math.inf for bb in bound],
         rounding=rounding,
+        coeffs=coeffs,
     )

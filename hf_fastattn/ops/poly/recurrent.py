@@ -1,15 +1,16 @@
 """Polynomial attention for decoding with the far keys in a kept prefix state (the recurrent form).
 
 The function is the chunk path's (`chunk.py`): exact band, P(x) = phi_q(q) . phi_k(k) beyond it. A decoding
-call (Nq new rows at the end of a cache of Nk slots) reads the keys that are far for its first row from
+call (Nq new rows at the end of a cache of Nk slots) reads most of the keys that are far for its first row from
     S = sum_j phi_k(k_j) [v_j, 1]^T   ([r, Dv + 1] per K/V head, float32),
-kept between calls and extended by the keys that have left the band since the last one, and computes the
-remaining band + Nq keys directly. A token's far part then costs O(r Dv) instead of O(Nk D): fewer operations
-than the direct form once the far keys outnumber the features (`worth_a_state`). The state keeps the
-running max |k| of its keys (the far bound that sets the row shift) and the sums of its keys per block of 256
-slots, which each call compares with the cache it is given (one read of K, no exp and no V: a fraction of the
-direct form's pass): a cache that was refilled or reordered (beam search) rebuilds the state instead of reading
-another sequence's keys.
+kept between calls. S holds whole blocks of _BLOCK slots: it grows by a block once one has left the band, and
+the keys after its last block (fewer than _BLOCK + band + Nq) are computed directly. A token's far part then
+costs O(r Dv) instead of O(Nk D) (fewer operations than the direct form once the far keys outnumber the
+features: `worth_a_state`), and S is written once per _BLOCK tokens, not at every token (an [r, Dv + 1] update
+per head and token cost more than the readout). The state keeps the running max |k| of its keys (the far bound
+that sets the row shift) and the sum of the keys of each block, which each call compares with the cache it is
+given (one read of K, no exp and no V: a fraction of the direct form's pass): a cache that was refilled or
+reordered (beam search) rebuilds the state instead of reading another sequence's keys.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from . import guard
 from .chunk import _values, direct_form
 from .features import FeatureMap
 
-_BLOCK = 256  # key slots per block of the state's key sums; also per feature product when absorbing a long cache
+_BLOCK = 64  # key slots per block: the state absorbs whole blocks and keeps each one's key sum
+_ABSORB = 256  # key slots per feature product when absorbing a long cache ([B, Hkv, 256, r] features at a time)
 
 
 @dataclass
@@ -33,11 +35,12 @@ class PolyDecodeState:
 
     s: torch.Tensor  # [B, Hkv, r, Dv + 1] sum_j valid_j phi_k(k_j) [v_j, 1]
     kmax: torch.Tensor  # [B, Hkv] max |k_j| over the valid keys absorbed
-    ksum: torch.Tensor  # [B, Hkv, ceil(upto / _BLOCK), D] key sums per block of slots: which cache it belongs to
+    ksum: torch.Tensor  # [B, Hkv, upto / _BLOCK, D] key sums per block of slots: which cache it belongs to
     valid: torch.Tensor  # [B, upto] bool, the padding it was built with
     kscale: torch.Tensor  # [B, Hkv] max |k| coordinate absorbed (>= 1): the scale of the sums' rounding
     ksq: torch.Tensor  # [B, Hkv, D, D] sum of k k^T over the valid keys: the guard's key moments (`key_moments`)
-    upto: int
+    coef: torch.Tensor  # [r] the feature weights of P(s q.k) (`FeatureMap.coefficients`), applied to phi(q)
+    upto: int  # a multiple of _BLOCK
     spec: tuple
 
 
@@ -51,25 +54,20 @@ def worth_a_state(nk: int, nq: int, band: int, d: int, degree: int) -> bool:
     return far_end(nk, nq, band) > FeatureMap.get(d, degree).r
 
 
-def _fresh(k, v, spec, r, dt) -> PolyDecodeState:
+def _fresh(k, v, spec, fmap, dt) -> PolyDecodeState:
     b, hkv, _, d = k.shape
     zeros = dict(dtype=dt, device=k.device)
-    return PolyDecodeState(torch.zeros(b, hkv, r, v.shape[-1] + 1, **zeros), torch.zeros(b, hkv, **zeros),
+    scale, coeffs = spec[:2]
+    return PolyDecodeState(torch.zeros(b, hkv, fmap.r, v.shape[-1] + 1, **zeros), torch.zeros(b, hkv, **zeros),
                            torch.zeros(b, hkv, 0, d, **zeros), torch.zeros(b, 0, dtype=torch.bool, device=k.device),
-                           torch.ones(b, hkv, **zeros), torch.zeros(b, hkv, d, d, **zeros), 0, spec)
+                           torch.ones(b, hkv, **zeros), torch.zeros(b, hkv, d, d, **zeros),
+                           fmap.coefficients(coeffs, scale, dt, k.device), 0, spec)
 
 
-def _block_sums(k, lo, hi, dt) -> torch.Tensor:
-    """[B, Hkv, blocks, D]: key sums of the slots [lo, hi) per block of _BLOCK (the first and last in part), as a
+def _block_sums(k, dt) -> torch.Tensor:
+    """[B, Hkv, N / _BLOCK, D]: key sums of k [B, Hkv, N, D] per block of _BLOCK slots (N a multiple of it), as a
     strided reduction of the cache (a matmul would copy a sliced cache to batch it)."""
-    first = -(-lo // _BLOCK) * _BLOCK  # lo rounded up
-    full = max(first, hi // _BLOCK * _BLOCK)
-    parts = [k[:, :, lo : min(first, hi)].sum(-2, keepdim=True, dtype=dt)] if lo < first else []
-    if first < full:
-        parts.append(k[:, :, first:full].unflatten(2, (-1, _BLOCK)).sum(-2, dtype=dt))
-    if full < hi and first < hi:
-        parts.append(k[:, :, full:hi].sum(-2, keepdim=True, dtype=dt))
-    return torch.cat(parts, dim=2)
+    return k.unflatten(2, (-1, _BLOCK)).sum(-2, dtype=dt)
 
 
 def _matches(state, k, valid, spec, end, dt) -> bool:
@@ -82,29 +80,27 @@ def _matches(state, k, valid, spec, end, dt) -> bool:
     if not torch.equal(valid[:, : state.upto], state.valid):
         return False
     tol = _BLOCK**2 * torch.finfo(dt).eps / 4 * state.kscale[..., None, None]
-    return bool(((_block_sums(k, 0, state.upto, dt) - state.ksum).abs() <= tol).all())
+    return bool(((_block_sums(k[:, :, : state.upto], dt) - state.ksum).abs() <= tol).all())
 
 
 def _absorb(state, fmap, k, v, valid, end, dt) -> None:
-    """Add the key slots [state.upto, end) to the state."""
-    lo = state.upto
-    if lo >= end:
+    """Add the whole blocks of key slots [state.upto, end) to the state (each slot read once)."""
+    lo, hi = state.upto, end // _BLOCK * _BLOCK
+    if lo >= hi:
         return
-    for at in range(lo, end, _BLOCK):
-        sl = slice(at, min(end, at + _BLOCK))
+    sums = []
+    for at in range(lo, hi, _ABSORB):
+        sl = slice(at, min(hi, at + _ABSORB))  # whole blocks: lo and _ABSORB are multiples of _BLOCK
         kk = k[:, :, sl].to(dt)
         state.s += fmap(kk).transpose(-1, -2) @ _values(v, valid, sl, dt)
         kmax, ksq, _ = guard.key_moments(kk, valid[:, sl])
         state.kmax = torch.maximum(state.kmax, kmax)
         state.ksq += ksq
         state.kscale = torch.maximum(state.kscale, kk.abs().amax((-2, -1)))
-    sums = _block_sums(k, lo, end, dt)
-    if lo % _BLOCK:  # the first part continues the last block
-        state.ksum[:, :, -1] += sums[:, :, 0]
-        sums = sums[:, :, 1:]
-    state.ksum = torch.cat([state.ksum, sums], dim=2)
-    state.valid = torch.cat([state.valid, valid[:, lo:end]], dim=1)
-    state.upto = end
+        sums.append(_block_sums(kk, dt))
+    state.ksum = torch.cat([state.ksum, *sums], dim=2)
+    state.valid = torch.cat([state.valid, valid[:, lo:hi]], dim=1)
+    state.upto = hi
 
 
 def key_moments(state: PolyDecodeState, k: torch.Tensor, kv_valid: torch.Tensor | None) -> tuple:
@@ -116,7 +112,7 @@ def key_moments(state: PolyDecodeState, k: torch.Tensor, kv_valid: torch.Tensor 
 @torch.no_grad()
 def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None, state=None):
     """The last Nq rows against the cache k, v: [B, Hkv, Nk, D], q: [B, H, Nq, D], with the far keys from
-    `state` (None, or one built on another cache: a new one). Returns (out [B, H, Nq, Dv], state). Inference
+    `state` (None, or one built on another cache: a new one), the slots after its last block directly. Returns (out [B, H, Nq, Dv], state). Inference
     only (no autograd); the numbers are those of `poly_direct_attention` up to float32 rounding of S."""
     count("poly.recurrent")
     b, h, nq, d = q.shape
@@ -127,11 +123,12 @@ def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_va
     spec = (float(scale), tuple(coeffs), int(band), d, v.shape[-1], dt)
     end = far_end(nk, nq, band)
     if not _matches(state, k, valid, spec, end, dt):
-        state = _fresh(k, v, spec, fmap.r, dt)
+        state = _fresh(k, v, spec, fmap, dt)
     _absorb(state, fmap, k, v, valid, end, dt)
 
     q5 = q.view(b, hkv, h // hkv, nq, d).to(dt)
-    coef = fmap.coefficients(coeffs, scale, dt, q.device)
-    far = fmap(q5) @ (coef[:, None] * state.s)[:, :, None]  # phi_q . S: [B, Hkv, G, Nq, Dv + 1]
-    out = direct_form(q5, k, v, valid, end, scale, coeffs, band, softcap, sinks, far, state.kmax)
+    far = None
+    if state.upto:  # phi_q . S: [B, Hkv, G, Nq, Dv + 1], the weights on the query side (G Nq rows, not r x Dv)
+        far = (fmap(q5) * state.coef) @ state.s[:, :, None]
+    out = direct_form(q5, k, v, valid, state.upto, scale, coeffs, band, softcap, sinks, far, state.kmax)
     return out.reshape(b, h, nq, -1).to(q.dtype), state
