@@ -70,6 +70,20 @@ def parse_spec(name: str) -> tuple[str, dict]:
     return base, extra
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma list of method specs where an item `option=value` without a method continues the spec before it:
+    "sdpa,poly:chunk=64,kernel=triton" is two. ("+" between specs, the older form, is still read.)"""
+    if "+" in text:
+        return text.split("+")
+    specs: list[str] = []
+    for item in text.split(","):
+        if specs and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def comma_list(check):
     """An argparse type: a comma list, each item through `check` (which raises ValueError), so a bad item is a
     usage error naming it before anything runs, not a traceback later."""
@@ -102,7 +116,7 @@ def check_args(args) -> tuple[list[int], list[str], list[str]]:
         lengths, modes = [positive_int(x) for x in args.lengths.split(",")], [check_mode(m) for m in args.modes.split(",")]
     except ValueError as err:
         raise ValueError(f"--lengths {args.lengths!r} / --modes {args.modes!r}: {err}") from None
-    methods = args.methods.split("+") if "+" in args.methods else args.methods.split(",")
+    methods = split_specs(args.methods)
     for m in methods:
         _method_fn(m, args)
     return lengths, methods, modes
@@ -489,7 +503,8 @@ def plot(report, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="sdpa,exact,poly",
-                   help="comma list (or + list when a spec has commas): sdpa, flash, exact, "
+                   help="comma list; an option=value item continues the spec before it (sdpa,poly:chunk=64,kernel=triton is "
+                   "two): sdpa, flash, exact, "
                    "poly[:degree=2,band=0,chunk=128,kernel=torch|triton,tile=8|16,seg=,rows=,save=0|1], "
                    "conv[:k=16,placement=even]")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .bench import (DTYPES, _sync, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
-                    report_path, save_report, time_step, timed_row)
+                    report_path, save_report, split_specs, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
 from .ops import stats
@@ -188,14 +188,8 @@ def _arm(spec: str) -> str:
 def arm_list(text: str) -> list:
     """An argparse type: a comma list of arms, where an item `option=value` without a method continues the arm
     before it ("poly:local_window=64,poly_decode_state=false,sdpa" is two arms); a bad arm is a usage error."""
-    specs: list = []
-    for item in text.split(","):
-        if specs and "=" in item and ":" not in item:
-            specs[-1] += "," + item
-        else:
-            specs.append(item)
     try:
-        return [_arm(spec) for spec in specs]
+        return [_arm(spec) for spec in split_specs(text)]
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

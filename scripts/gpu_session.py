@@ -81,9 +81,9 @@ def stages(smoke: bool, dest: Path, gpu: str) -> list[Stage]:
     dim = {128: 16, 64: 8} if smoke else {128: 128, 64: 64}
     poly = "poly:chunk=16,kernel=torch" if smoke else POLY
     # the subject first; states saved last (the least needed, so the first a time limit cuts)
-    methods = f"sdpa+{poly}+{poly},save=1" if not smoke else f"sdpa+{poly}"
+    methods = f"sdpa,{poly},{poly},save=1" if not smoke else f"sdpa,{poly}"
     if not smoke and _has("flash_attn"):
-        methods += "+flash"
+        methods += ",flash"
     bench_json = {d: dest / f"attention-{gpu}-{dtype}-d{dim[d]}.json" for d in dim}
 
     def bench(d):

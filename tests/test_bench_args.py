@@ -59,6 +59,8 @@ def test_bench_good_specs_parse():
     lengths, methods, modes = bench.check_args(_args(bench, "--methods", "sdpa+poly:band=8,chunk=64+conv:k=4",
                                                      "--lengths", "64,128", "--modes", "fwdbwd"))
     assert (lengths, methods, modes) == ([64, 128], ["sdpa", "poly:band=8,chunk=64", "conv:k=4"], ["fwdbwd"])
+    # the comma form of bench-model's arms: an option item continues the spec before it
+    assert bench.check_args(_args(bench, "--methods", "sdpa,poly:band=8,chunk=64,conv:k=4", "--lengths", "64"))[1] == methods
 
 
 def test_arms_with_several_options():

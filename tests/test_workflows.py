@@ -423,8 +423,8 @@ def test_gpu_session_commands_parse(tmp_path):
         args = p.parse_args(plan[name].cmd[2:])
         assert (args.device, args.dtype, args.heads, args.head_dim) == ("cuda", "bf16", 16, d)
         assert args.out.endswith(f"attention-h200-bf16-d{d}.json") and "131072" in args.lengths
-        methods = args.methods.split("+")
-        assert methods[:2] == ["sdpa", gs.POLY] and all(callable(bench._method_fn(m, args)) for m in methods)
+        methods = bench.split_specs(args.methods)
+        assert methods[:2] == ["sdpa", gs.POLY] and methods[2] == gs.POLY + ",save=1" and all(callable(bench._method_fn(m, args)) for m in methods)
         args.device = "cpu"  # the FLOP count's state budget without asking CUDA (as scripts/poly_targets.py does)
         for n in map(int, args.lengths.split(",")):
             assert all(bench.flop_count(m, 1, 16, 16, n, d, "fwdbwd", args) > 0 for m in methods)

@@ -66,12 +66,12 @@ def far_scale(m, has_far):
     return torch.where(has_far, torch.exp(-m), 0.0)
 
 
-def direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far):
+def direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far, slope=True):
     """Weights of directly computed keys and dW/dx.
 
     x: [B, Hkv, G, R, K] scaled logits; dist: [R, K] slot distance t_i - j; valid: [B, K] bool;
     m: [B, Hkv, G, R] row shift; has_far: [B, 1, 1, R] (`has_far_key`). Returns (w, dw_dx) of x's shape
-    (0 where masked).
+    (0 where masked); dw_dx is None unless `slope` (the forwards do not need it).
     """
     seen = (dist >= 0) & valid[:, None, None, None, :]
     near = seen & (dist < band)
@@ -85,6 +85,8 @@ def direct_weights(x, dist, valid, band, coeffs, softcap, m, has_far):
     w_near = torch.exp(torch.where(near, xn - m[..., None], NEG_INF))
     w_far = poly_eval(coeffs, x) * em
     w = torch.where(near, w_near, torch.where(far, w_far, 0.0))
+    if not slope:
+        return w, None
     d_near = w_near if softcap is None else w_near * (1 - t * t)
     dw_dx = torch.where(near, d_near, torch.where(far, poly_deriv(coeffs, x) * em, 0.0))
     return w, dw_dx
@@ -180,7 +182,7 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
         near = (dist >= 0) & (dist < band) & vald[:, None, None, None, :]
         band_max = torch.where(near, xn, NEG_INF).amax(-1)
         m = row_shift(band_max, bound[:, :, :, qi], has_far[..., qi])
-        w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far[..., qi])
+        w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far[..., qi], slope=False)
         nd = w @ _with_ones(vd.to(dt))[:, :, None]  # [B, Hkv, G, C, D+1]
         if j >= 0:
             phq = fmap(q5[:, :, :, qi].to(dt)).reshape(b, hkv, g * c_, r)
@@ -315,7 +317,7 @@ def direct_form(q5, k, v, valid, first, scale, coeffs, band, softcap, sinks, far
         m = row_shift(band_max, bound, has_far)
         if sink is not None:
             m = torch.maximum(m, sink)
-    w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far)
+    w, _ = direct_weights(x, dist, vald, band, coeffs, softcap, m, has_far, slope=False)
     nd = w @ _with_ones(vd.to(dt))[:, :, None]
     if far is not None:
         nd = nd + far_scale(m, has_far)[..., None] * far
