@@ -119,7 +119,7 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     in a prefix state kept on the module (`ops/poly/recurrent.py`), extended call by call."""
     from .ops.poly import guard_stats, path_roundoff, poly_attention, poly_coefficients, poly_recurrent_attention
     from .ops.poly.features import check_feature_count
-    from .ops.poly.recurrent import key_moments as state_moments, worth_a_state
+    from .ops.poly.recurrent import from_prefill, key_moments as state_moments, worth_a_state
 
     def exact():
         return _run_exact(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid,
@@ -149,11 +149,18 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
         return exact()
     if module is not None and torch.is_grad_enabled():
         module.__dict__.pop(_POLY_STATE, None)  # training: nothing to extend, keep no references
+    # a prefill that decoding would keep a state for hands its last prefix state over (torch chunk path)
+    hand_over = (cfg.poly_decode_state and module is not None and not torch.is_grad_enabled()
+                 and worth_a_state(nk + 1, 1, cfg.local_window, q.shape[-1], cfg.degree))
     out = poly_attention(
         q, k, v, scale, degree=cfg.degree, coeffs=cfg.poly_coeffs, fit_range=cfg.fit_range, band=cfg.local_window,
         chunk=cfg.chunk_size, softcap=softcap, kv_valid=kv_valid, feature_cap=cfg.feature_cap, kernel=cfg.kernel,
-        save_states=cfg.poly_save_states, sinks=sinks,
+        save_states=cfg.poly_save_states, sinks=sinks, output_final_state=hand_over,
     )
+    if hand_over:
+        out, final = out
+        state = None if final is None else from_prefill(final, q, k, v, scale, coeffs, cfg.local_window, kv_valid)
+        module.__dict__[_POLY_STATE] = state
     return _finite_or_exact(out, "poly", layer_idx, exact, module)
 
 

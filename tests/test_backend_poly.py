@@ -136,6 +136,35 @@ def test_decode_state_generates_what_the_direct_form_does(family):
     assert not kept()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prefill_hands_its_state_to_decoding(family):
+    """In inference the prefill's chunk path hands its last prefix state over: greedy decoding then builds no state
+    from the cache (one hand-over per full-attention layer, no rebuild), with the tokens and scores of the direct
+    form, and beam search's too."""
+    from hf_fastattn.ops import stats
+
+    _, model = _poly_pair(family, local_window=1)
+    x = _tokens(2, 300, 10)
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    runs = {}
+    for on in (False, True):
+        hf_fastattn.configure(model, method="poly", chunk_size=64, guard="off", local_window=1, poly_decode_state=on)
+        stats.reset()
+        runs[on] = (model.generate(x, **kw), dict(stats.COUNTS))
+    (g1, c1), (g0, c0) = runs[True], runs[False]
+    layers = sum(1 for m in model.modules() if backend._POLY_STATE in m.__dict__)
+    assert layers and c1.get("poly.state_from_prefill") == layers and not c1.get("poly.recurrent_build")
+    assert c1["poly.recurrent"] == layers * 5 and not c0.get("poly.recurrent")
+    assert torch.equal(g1.sequences, g0.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(g1.scores, g0.scores)) < 1e-4
+    # beams reordered within a prompt keep the state: their absorbed (far) keys are the shared prompt's
+    beams = model.generate(x, num_beams=2, **kw)
+    hf_fastattn.configure(model, poly_decode_state=False)
+    assert torch.equal(beams.sequences, model.generate(x, num_beams=2, **kw).sequences)
+
+
 def test_decode_state_guard_sees_what_the_direct_guard_sees():
     """With the state the guard reads its key moments from it (no pass over the cache): the same statistics per
     call as the direct path's guard, and its rounding term is the state path's (float32) instead of none."""

@@ -235,10 +235,54 @@ def test_recurrent_decode_equals_direct(band, softcap, pad, sinks, nq, start, st
     k1 = k.clone()
     k1[1, :, 17] = torch.randn(2, 4, dtype=F64)  # beams that differ in one early key
     rebuilt(q[:, :, -nq:], k1, v, valid, *args)
+    v1 = v.clone()
+    v1[1, :, 17] = torch.randn(2, 4, dtype=F64)  # the same keys with another value (a LoRA on v_proj switched off)
+    rebuilt(q[:, :, -nq:], k, v1, valid, *args)
     other = torch.ones(3, stop, dtype=torch.bool)
     other[1, :7] = False  # the same keys with other padding
     rebuilt(q[:, :, -nq:], k, v, other, *args)
     rebuilt(q[:, :, -nq:], k, v, valid, 0.25, coeffs, band, softcap)  # another scale: another function
+
+
+@pytest.mark.parametrize("nq, chunk, band, pad, sinks", [(300, 64, 5, True, False), (200, 32, 0, False, True),
+                                                        (230, 64, 70, True, False)])
+def test_decode_state_from_prefill(nq, chunk, band, pad, sinks):
+    """A prefill's last chunk-path state starts the decode state: the same state a first decode call would build
+    from the cache (float64), and decoding from it extends it (no rebuild) and equals the direct form. Chunked
+    prefill (keys before the queries) hands over too when its state ends on a block boundary."""
+    from hf_fastattn.ops.poly import poly_recurrent_attention
+    from hf_fastattn.ops.poly.recurrent import from_prefill
+
+    nk = nq + (64 if nq == 230 else 0)  # a chunked prefill after 64 cached keys
+    q, k, v = _qkv(2, 4, 2, nk + 3, nk + 3, 4, std=0.7)
+    valid = _padding(2, nk + 3) if pad else None
+    valid = None if valid is None else valid.clone()
+    if valid is not None:
+        valid[-1, -3:] = True  # the decoded tokens are real
+    sink = torch.randn(4, dtype=F64) if sinks else None
+    c = poly_coefficients(2)
+    kv = None if valid is None else valid[:, :nk]
+    out, final = poly_chunk_attention(q[:, :, nk - nq : nk], k[:, :, :nk], v[:, :, :nk], 0.5, c, band, chunk, None,
+                                      kv, sink, output_final_state=True)
+    assert _rel(out, poly_chunk_attention(q[:, :, nk - nq : nk], k[:, :, :nk], v[:, :, :nk], 0.5, c, band, chunk,
+                                          None, kv, sink)) == 0
+    state = from_prefill(final, q, k[:, :, :nk], v[:, :, :nk], 0.5, c, band, kv)
+    assert state is not None and state.upto == final[1] > 0
+    args = (0.5, c, band, None)
+    _, built = poly_recurrent_attention(q[:, :, nk : nk + 1], k[:, :, : nk + 1], v[:, :, : nk + 1], *args,
+                                        None if valid is None else valid[:, : nk + 1], sink)
+    for n in range(nk + 1, nk + 4):
+        kvn = None if valid is None else valid[:, :n]
+        got, new = poly_recurrent_attention(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n], *args, kvn, sink, state)
+        assert new is state
+        assert _rel(got, poly_direct_attention(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n], *args, kvn, sink)) < 1e-12
+        if n == nk + 1:  # extended to the blocks a first call builds: the same state
+            assert state.upto == built.upto
+            for name in ("s", "kmax", "ksum", "vsum", "valid", "ksq", "kscale", "vscale"):
+                assert torch.allclose(getattr(state, name), getattr(built, name), rtol=1e-12, atol=1e-12), name
+    # a prefix state that ends inside a block is not handed over (a chunk_size that is no multiple of the block)
+    assert from_prefill((final[0], 48), q, k, v, 0.5, c, band, None) is None
+    assert from_prefill((final[0], 0), q, k, v, 0.5, c, band, None) is None
 
 
 def test_recurrent_decode_state_is_guarded_like_the_chunk_path():

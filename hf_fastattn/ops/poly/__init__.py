@@ -74,7 +74,8 @@ def poly_attention(
     kernel: str = "auto",
     save_states: bool = False,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
+    output_final_state: bool = False,
+):
     """Causal polynomial attention: exp(x) -> P(x) beyond an exact band of `band` keys.
 
     Args:
@@ -90,11 +91,22 @@ def poly_attention(
         save_states: Triton only: keep the boundary prefix states from the forward for the backward (one
             sweep less; up to 10 GiB per call held until the backward) instead of recomputing them.
         sinks: [H] attention-sink logits (GPT-OSS's s_aux) joining every row's normaliser, or None.
+        output_final_state: return (out, final) with final the torch chunk path's last prefix state (S, n)
+            (`poly_chunk_attention`), None where another path ran (the direct form and the Triton kernels keep
+            none): what `recurrent.from_prefill` starts a decode state from.
 
     Returns:
         [B, H, Nq, D]. Nq <= chunk (decode) uses the direct O(Nq Nk D) form of the same function; the backend
         decodes with a kept prefix state instead (`poly_recurrent_attention`) when that costs less.
     """
+    out, final = _poly_attention(q, k, v, scale, degree, coeffs, fit_range, band, chunk, softcap, kv_valid,
+                                 feature_cap, kernel, save_states, sinks)
+    return (out, final) if output_final_state else out
+
+
+def _poly_attention(q, k, v, scale, degree, coeffs, fit_range, band, chunk, softcap, kv_valid, feature_cap, kernel,
+                    save_states, sinks):
+    """poly_attention's (out, final state or None)."""
     check_qkv(q, k, v)
     sinks = check_sinks(sinks, q.shape[1])
     band, chunk = check_int("band", band, 0), check_int("chunk", chunk, 1)
@@ -104,18 +116,18 @@ def poly_attention(
     c = poly_coefficients(degree, coeffs, fit_range)
     check_feature_count(q.shape[-1], degree, feature_cap)
     if q.shape[2] <= chunk:
-        return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid, sinks)
+        return poly_direct_attention(q, k, v, scale, c, band, softcap, kv_valid, sinks), None
     if kernel == "triton":
         from .triton import poly_triton_attention
 
         return poly_triton_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, save_states=save_states,
-                                     sinks=sinks)
+                                     sinks=sinks), None
     if kernel == "auto" and auto_uses_triton(q.is_cuda, degree, q.shape[-1], q.dtype, v.shape[-1]):
         from .triton import poly_triton_attention
 
         try:  # the chunk is a schedule, not part of the function: the kernels' measured-good one is used
             return poly_triton_attention(q, k, v, scale, c, band, _TRITON_CHUNK, softcap, kv_valid,
-                                         save_states=save_states, sinks=sinks)
+                                         save_states=save_states, sinks=sinks), None
         except torch.OutOfMemoryError:  # not a kernel failure: the torch path would not fit either
             raise
         except Exception as err:  # a compile / launch failure on this GPU: say so once, then use torch
@@ -123,4 +135,4 @@ def poly_attention(
                 _TRITON_FAILED.append(repr(err))
             warnings.warn(f"poly Triton kernels failed ({type(err).__name__}: {err}); using the torch chunk path "
                           "(kernel='torch' silences this, kernel='triton' raises)", RuntimeWarning, stacklevel=2)
-    return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, sinks)
+    return poly_chunk_attention(q, k, v, scale, c, band, chunk, softcap, kv_valid, sinks, output_final_state=True)

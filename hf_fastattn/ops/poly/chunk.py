@@ -164,7 +164,8 @@ def _prepare(q, k, v, valid, scale, coeffs, lay):
 
 # ------------------------------------------------------------------------------------------- forward
 def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
-    """Inputs padded so that Nk and the query start are multiples of `chunk`. Returns (o, m, den)."""
+    """Inputs padded so that Nk and the query start are multiples of `chunk`. Returns (o, m, den, S), S the
+    prefix state of the key chunks the sweep made far (`final_slots`)."""
     lay = _Layout(q, k, chunk, band)
     dt, q5, fmap, coef, bound, has_far = _prepare(q, k, v, valid, scale, coeffs, lay)
     b, hkv, g, c_, d = lay.b, lay.hkv, lay.g, lay.c, lay.d
@@ -191,7 +192,13 @@ def poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap):
         den = nd[..., -1]
         out[:, :, :, qi] = (nd[..., :-1] / den.clamp_min(torch.finfo(dt).tiny)[..., None]).to(q.dtype)
         m_all[:, :, :, qi], den_all[:, :, :, qi] = m, den
-    return out.view(b, lay.h, lay.nq, -1), m_all, den_all
+    return out.view(b, lay.h, lay.nq, -1), m_all, den_all, state
+
+
+def final_slots(nk: int, chunk: int, band: int) -> int:
+    """Padded key slots [0, final_slots) in the forward sweep's last state: the chunks far for the last one."""
+    lag = math.ceil(band / chunk) if band > 0 else 0
+    return max(0, nk // chunk - lag - 1) * chunk
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -248,17 +255,18 @@ class PolyChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, valid, scale, coeffs, band, chunk, softcap, sinks):
         count("poly.forward")
-        out, m, den = poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap)
+        out, m, den, state = poly_chunk_fwd(q, k, v, valid, scale, coeffs, band, chunk, softcap)
         if sinks is not None:  # see ops/sinks.py: the backward below is exact for the folded (out, m, den)
             rows = q.shape[:3]  # m, den: [B, Hkv, G, N] -> [B, H, N]
             out, m2, den2 = fold_sink(out, m.view(rows), den.view(rows), sinks)
             m, den = m2.view_as(m), den2.view_as(den)
         ctx.save_for_backward(q, k, v, valid, out, m, den, sinks)
         ctx.args = (scale, coeffs, band, chunk, softcap)
-        return out
+        ctx.mark_non_differentiable(state)
+        return out, state
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _):
         count("poly.backward")
         q, k, v, valid, out, m, den, sinks = ctx.saved_tensors
         do = do.contiguous()
@@ -269,17 +277,24 @@ class PolyChunkFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, dsinks
 
 
-def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, sinks=None):
+def poly_chunk_attention(q, k, v, scale, coeffs, band=0, chunk=64, softcap=None, kv_valid=None, sinks=None,
+                         output_final_state=False):
     """Linear-time polynomial attention. q: [B, H, Nq, D], k, v: [B, Hkv, Nk, D] -> [B, H, Nq, D].
-    sinks: [H] attention-sink logits or None (`ops.sinks`).
+    sinks: [H] attention-sink logits or None (`ops.sinks`). output_final_state: also return (S, n), the sweep's
+    last prefix state S = sum_{j < n} phi(k_j) [v_j, 1]^T ([B, Hkv, r, Dv + 1], accumulation dtype, padded slots
+    left out) over the key slots [0, n) (n <= 0: none), which a decode state can start from.
 
     Pads the key slots on the left (so the first query starts a chunk) and both on the right (to whole
     chunks) with invalid slots; the padding is sliced off the result.
     """
     qp, kp, vp, valid = pad_to_chunks(q, k, v, kv_valid, chunk)
-    out = PolyChunkFunction.apply(qp, kp, vp, valid, float(scale), tuple(coeffs), int(band), int(chunk), softcap,
-                                  sinks)
-    return out[:, :, : q.shape[2]]
+    out, state = PolyChunkFunction.apply(qp, kp, vp, valid, float(scale), tuple(coeffs), int(band), int(chunk),
+                                         softcap, sinks)
+    out = out[:, :, : q.shape[2]]
+    if not output_final_state:
+        return out
+    left = kp.shape[2] - k.shape[2] - (qp.shape[2] - q.shape[2])  # pad_to_chunks' left padding
+    return out, (state, final_slots(kp.shape[2], chunk, band) - left)
 
 
 def pad_to_chunks(q, k, v, kv_valid, chunk):

@@ -8,9 +8,11 @@ the keys after its last block (fewer than _BLOCK + band + Nq) are computed direc
 costs O(r Dv) instead of O(Nk D) (fewer operations than the direct form once the far keys outnumber the
 features: `worth_a_state`), and S is written once per _BLOCK tokens, not at every token (an [r, Dv + 1] update
 per head and token cost more than the readout). The state keeps the running max |k| of its keys (the far bound
-that sets the row shift) and the sum of the keys of each block, which each call compares with the cache it is
-given (one read of K, no exp and no V: a fraction of the direct form's pass): a cache that was refilled or
-reordered (beam search) rebuilds the state instead of reading another sequence's keys.
+that sets the row shift) and the sums of the keys and of the values of each block, which each call compares with
+the cache it is given (one read of K and V, no features, no exp): a cache that was refilled or reordered (beam
+search), or holds other values for the same keys (a LoRA on v_proj switched off), rebuilds the state instead of
+reading another cache's keys. That read is O(Nk (D + Dv)) per call, as many bytes as a fused decode kernel reads:
+on a GPU, where decoding is bound by memory, the state saves the direct form's arithmetic, not its bytes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 from ..masks import acc_dtype
 from ..stats import count
 from . import guard
-from .chunk import _values, direct_form
+from .chunk import _with_ones, direct_form
 from .features import FeatureMap
 
-_BLOCK = 64  # key slots per block: the state absorbs whole blocks and keeps each one's key sum
+_BLOCK = 64  # key slots per block: the state absorbs whole blocks and keeps each one's key and value sums
 _ABSORB = 256  # key slots per feature product when absorbing a long cache ([B, Hkv, 256, r] features at a time)
 
 
@@ -36,8 +38,11 @@ class PolyDecodeState:
     s: torch.Tensor  # [B, Hkv, r, Dv + 1] sum_j valid_j phi_k(k_j) [v_j, 1]
     kmax: torch.Tensor  # [B, Hkv] max |k_j| over the valid keys absorbed
     ksum: torch.Tensor  # [B, Hkv, upto / _BLOCK, D] key sums per block of slots: which cache it belongs to
+    vsum: torch.Tensor  # [B, Hkv, upto / _BLOCK, Dv] value sums per block (the same keys with other values: a
+    # LoRA on v_proj switched off, an edited v_proj, are another cache)
     valid: torch.Tensor  # [B, upto] bool, the padding it was built with
-    kscale: torch.Tensor  # [B, Hkv] max |k| coordinate absorbed (>= 1): the scale of the sums' rounding
+    kscale: torch.Tensor  # [B, Hkv] max |k| coordinate absorbed (>= 1): the scale of the key sums' rounding
+    vscale: torch.Tensor  # [B, Hkv] the same for the values
     ksq: torch.Tensor  # [B, Hkv, D, D] sum of k k^T over the valid keys: the guard's key moments (`key_moments`)
     coef: torch.Tensor  # [r] the feature weights of P(s q.k) (`FeatureMap.coefficients`), applied to phi(q)
     upto: int  # a multiple of _BLOCK
@@ -58,49 +63,86 @@ def _fresh(k, v, spec, fmap, dt) -> PolyDecodeState:
     b, hkv, _, d = k.shape
     zeros = dict(dtype=dt, device=k.device)
     scale, coeffs = spec[:2]
-    return PolyDecodeState(torch.zeros(b, hkv, fmap.r, v.shape[-1] + 1, **zeros), torch.zeros(b, hkv, **zeros),
-                           torch.zeros(b, hkv, 0, d, **zeros), torch.zeros(b, 0, dtype=torch.bool, device=k.device),
+    dv = v.shape[-1]
+    return PolyDecodeState(torch.zeros(b, hkv, fmap.r, dv + 1, **zeros), torch.zeros(b, hkv, **zeros),
+                           torch.zeros(b, hkv, 0, d, **zeros), torch.zeros(b, hkv, 0, dv, **zeros),
+                           torch.zeros(b, 0, dtype=torch.bool, device=k.device), torch.ones(b, hkv, **zeros),
                            torch.ones(b, hkv, **zeros), torch.zeros(b, hkv, d, d, **zeros),
                            fmap.coefficients(coeffs, scale, dt, k.device), 0, spec)
 
 
-def _block_sums(k, dt) -> torch.Tensor:
-    """[B, Hkv, N / _BLOCK, D]: key sums of k [B, Hkv, N, D] per block of _BLOCK slots (N a multiple of it), as a
-    strided reduction of the cache (a matmul would copy a sliced cache to batch it)."""
-    return k.unflatten(2, (-1, _BLOCK)).sum(-2, dtype=dt)
+def _block_sums(x, dt) -> torch.Tensor:
+    """[B, Hkv, N / _BLOCK, D]: sums of x [B, Hkv, N, D] (keys or values) per block of _BLOCK slots (N a multiple
+    of it), as a strided reduction of the cache (a matmul would copy a sliced cache to batch it)."""
+    return x.unflatten(2, (-1, _BLOCK)).sum(-2, dtype=dt)
 
 
-def _matches(state, k, valid, spec, end, dt) -> bool:
-    """Is `state` this cache's? The same padding, and per block the same key sums up to the rounding of a sum of
-    _BLOCK keys in another order (beams that differ in one key of a block differ by that key in some coordinate)."""
+def _same_sums(x, sums, scale, dt) -> bool:
+    """x's block sums equal `sums` up to the rounding of a sum of _BLOCK terms of size <= scale in another order."""
+    tol = _BLOCK**2 * torch.finfo(dt).eps / 4 * scale[..., None, None]
+    return bool(((_block_sums(x, dt) - sums).abs() <= tol).all())
+
+
+def _matches(state, k, v, valid, spec, end, dt) -> bool:
+    """Is `state` this cache's? The same padding, and per block the same key and value sums (beams that differ in
+    one key or value of a block differ by it in some coordinate). One read of the absorbed K and V: no features,
+    no exp."""
     if state is None or state.spec != spec or state.s.shape[:2] != k.shape[:2] or state.upto > end:
         return False
     if state.upto == 0:
         return True
     if not torch.equal(valid[:, : state.upto], state.valid):
         return False
-    tol = _BLOCK**2 * torch.finfo(dt).eps / 4 * state.kscale[..., None, None]
-    return bool(((_block_sums(k[:, :, : state.upto], dt) - state.ksum).abs() <= tol).all())
+    n = state.upto
+    return (_same_sums(k[:, :, :n], state.ksum, state.kscale, dt)
+            and _same_sums(v[:, :, :n], state.vsum, state.vscale, dt))
 
 
-def _absorb(state, fmap, k, v, valid, end, dt) -> None:
-    """Add the whole blocks of key slots [state.upto, end) to the state (each slot read once)."""
+def _absorb(state, fmap, k, v, valid, end, dt, features=True) -> None:
+    """Add the whole blocks of key slots [state.upto, end) to the state (each slot read once). features=False:
+    S holds them already (a prefill's sweep computed it), only the key / value statistics are added."""
     lo, hi = state.upto, end // _BLOCK * _BLOCK
     if lo >= hi:
         return
-    sums = []
+    ksums, vsums = [state.ksum], [state.vsum]
     for at in range(lo, hi, _ABSORB):
         sl = slice(at, min(hi, at + _ABSORB))  # whole blocks: lo and _ABSORB are multiples of _BLOCK
-        kk = k[:, :, sl].to(dt)
-        state.s += fmap(kk).transpose(-1, -2) @ _values(v, valid, sl, dt)
+        kk, vv = k[:, :, sl].to(dt), v[:, :, sl].to(dt)
+        if features:
+            state.s += fmap(kk).transpose(-1, -2) @ (_with_ones(vv) * valid[:, None, sl, None])
         kmax, ksq, _ = guard.key_moments(kk, valid[:, sl])
         state.kmax = torch.maximum(state.kmax, kmax)
         state.ksq += ksq
         state.kscale = torch.maximum(state.kscale, kk.abs().amax((-2, -1)))
-        sums.append(_block_sums(kk, dt))
-    state.ksum = torch.cat([state.ksum, *sums], dim=2)
+        state.vscale = torch.maximum(state.vscale, vv.abs().amax((-2, -1)))
+        ksums.append(_block_sums(kk, dt))
+        vsums.append(_block_sums(vv, dt))
+    state.ksum, state.vsum = torch.cat(ksums, dim=2), torch.cat(vsums, dim=2)
     state.valid = torch.cat([state.valid, valid[:, lo:hi]], dim=1)
     state.upto = hi
+
+
+def _spec(q, v, scale, coeffs, band) -> tuple:
+    """What a state's numbers depend on besides the keys: the function and the shapes / accumulation dtype."""
+    return (float(scale), tuple(coeffs), int(band), q.shape[-1], v.shape[-1], acc_dtype(q.dtype))
+
+
+def from_prefill(final, q, k, v, scale, coeffs, band=0, kv_valid=None) -> PolyDecodeState | None:
+    """A decode state from a prefill's last prefix state `final` = (S, n) (`poly_chunk_attention(...,
+    output_final_state=True)`: S over the key slots [0, n)), so that the first decoded token does not sweep the
+    prefix's features again: only its key statistics are read (O(n D^2), not O(n r D)). None where S does not
+    end on a block boundary (a chunk_size that is no multiple of _BLOCK) or holds no keys."""
+    s, n = final
+    if n <= 0 or n % _BLOCK:
+        return None
+    spec = _spec(q, v, scale, coeffs, band)
+    fmap = FeatureMap.get(q.shape[-1], len(coeffs) - 1)
+    valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    count("poly.state_from_prefill")
+    state = _fresh(k, v, spec, fmap, spec[-1])
+    state.s = s
+    _absorb(state, fmap, k, v, valid, n, spec[-1], features=False)
+    return state
 
 
 def key_moments(state: PolyDecodeState, k: torch.Tensor, kv_valid: torch.Tensor | None) -> tuple:
@@ -120,9 +162,10 @@ def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_va
     dt = acc_dtype(q.dtype)
     valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
     fmap = FeatureMap.get(d, len(coeffs) - 1)
-    spec = (float(scale), tuple(coeffs), int(band), d, v.shape[-1], dt)
+    spec = _spec(q, v, scale, coeffs, band)
     end = far_end(nk, nq, band)
-    if not _matches(state, k, valid, spec, end, dt):
+    if not _matches(state, k, v, valid, spec, end, dt):
+        count("poly.recurrent_build")
         state = _fresh(k, v, spec, fmap, dt)
     _absorb(state, fmap, k, v, valid, end, dt)
 
