@@ -96,6 +96,17 @@ def test_cached_decode_equals_recomputation():
     assert torch.equal(model.generate(x, use_cache=True, **kw), model.generate(x, use_cache=False, **kw))
 
 
+def _decode_setup(family, n, seed, pad, new):
+    """A poly model (band 1), two prompts of n tokens (the second left-padded by `pad`), generate()'s keywords."""
+    _, model = _poly_pair(family, local_window=1)
+    x = _tokens(2, n, seed)
+    mask = torch.ones_like(x)
+    mask[1, :pad] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+              output_scores=True)
+    return model, x, mask, kw
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])  # GQA; softcap + sliding layers; sinks
 def test_decode_state_generates_what_the_direct_form_does(family):
     """Past r = 209 far keys (head_dim 16) decode reads them from a kept prefix state: greedy and beam search
@@ -103,11 +114,7 @@ def test_decode_state_generates_what_the_direct_form_does(family):
     a training forward, reset_states and configure drop the states."""
     from hf_fastattn.ops import stats
 
-    _, model = _poly_pair(family, local_window=1)
-    x = _tokens(2, 230, 8)
-    mask = torch.ones_like(x)
-    mask[1, :5] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    model, x, mask, kw = _decode_setup(family, 230, 8, pad=5, new=8)
     runs = {}
     for on in (False, True):  # the state last: it stays on the layers (configure drops kept states)
         hf_fastattn.configure(model, method="poly", chunk_size=8, guard="off", local_window=1, poly_decode_state=on)
@@ -143,11 +150,7 @@ def test_prefill_hands_its_state_to_decoding(family):
     form, and beam search's too."""
     from hf_fastattn.ops import stats
 
-    _, model = _poly_pair(family, local_window=1)
-    x = _tokens(2, 300, 10)
-    mask = torch.ones_like(x)
-    mask[1, :7] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    model, x, mask, kw = _decode_setup(family, 300, 10, pad=7, new=6)
     runs = {}
     for on in (False, True):
         hf_fastattn.configure(model, method="poly", chunk_size=64, guard="off", local_window=1, poly_decode_state=on)
