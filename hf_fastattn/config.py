@@ -51,7 +51,8 @@ class FastAttnConfig:
         poly_decode_state: in inference, keep each layer's far keys as a prefix state [r, Dv + 1] between decode
             calls (`ops/poly/recurrent.py`): a new token's far part costs O(r Dv) instead of O(N D) once the far
             keys outnumber the r features; it holds r (Dv + 1) floats per K/V head and batch row (4.3 MB at
-            D = 128, as much as about 8k tokens of a bf16 KV cache). Off: every decode call runs the direct form.
+            D = 128, as much as about 8k tokens of a bf16 KV cache); a prefill on the torch chunk path starts it
+            (the first decoded token sweeps no features). Off: every decode call runs the direct form.
         conv_k: number of conv bases k.
         conv_T, conv_delta, conv_eps: the recovery search parameters of the conv-basis paper (a window
             of T diagonal entries, the threshold delta and the noise level eps).
