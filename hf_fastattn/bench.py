@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli import at_least, device_name, even_degree
 from .config import CONV_PLACEMENTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,6 +44,7 @@ SPEC_KEYS = {
              **{k: int for k in sorted(TRITON_KNOBS)}},
     "conv": {"k": int, "placement": CONV_PLACEMENTS},
 }
+SPEC_MIN = {"degree": 2, "chunk": 1, "k": 1}  # the smallest value of an integer option (others: 0)
 MODES = ("fwd", "fwdbwd")
 
 
@@ -64,6 +66,10 @@ def parse_spec(name: str) -> tuple[str, dict]:
         kind = allowed[key]
         if kind is int and not re.fullmatch(r"-?\d+", value):
             raise ValueError(f"method {name!r}: {key}={value!r} must be an integer")
+        if kind is int and int(value) < SPEC_MIN.get(key, 0):
+            raise ValueError(f"method {name!r}: {key}={value!r} must be >= {SPEC_MIN.get(key, 0)}")
+        if key == "degree" and int(value) % 2:
+            raise ValueError(f"method {name!r}: degree={value!r} must be even (the polynomial method's degree)")
         if kind is not int and value not in kind:
             raise ValueError(f"method {name!r}: {key}={value!r}; choose from {', '.join(kind)}")
         extra[key] = value
@@ -119,6 +125,9 @@ def check_args(args) -> tuple[list[int], list[str], list[str]]:
     methods = split_specs(args.methods)
     for m in methods:
         _method_fn(m, args)
+        triton = parse_spec(m)[1].get("kernel", args.kernel if m.startswith("poly") else "") == "triton"
+        if triton and not str(args.device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"method {m!r}: kernel=triton needs --device cuda (or TRITON_INTERPRET=1 on CPU)")
     return lengths, methods, modes
 
 
@@ -509,20 +518,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "conv[:k=16,placement=even]")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma list of sequence lengths")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    p.add_argument("--batch", type=int, default=1, help="batch size B")
-    p.add_argument("--heads", type=int, default=4, help="query heads H")
-    p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (0: same as --heads)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension D")
+    p.add_argument("--batch", type=at_least(1), default=1, help="batch size B")
+    p.add_argument("--heads", type=at_least(1), default=4, help="query heads H")
+    p.add_argument("--kv-heads", type=at_least(0), default=0, help="key/value heads (0: same as --heads)")
+    p.add_argument("--head-dim", type=at_least(1), default=64, help="head dimension D")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--degree", type=int, default=2, help="poly degree")
-    p.add_argument("--band", type=int, default=0, help="poly exact band W")
-    p.add_argument("--chunk", type=int, default=128, help="poly chunk size")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--degree", type=even_degree, default=2, help="poly degree")
+    p.add_argument("--band", type=at_least(0), default=0, help="poly exact band W")
+    p.add_argument("--chunk", type=at_least(1), default=128, help="poly chunk size")
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="poly kernel")
-    p.add_argument("--conv-k", type=int, default=16, help="conv bases k")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    p.add_argument("--conv-k", type=at_least(1), default=16, help="conv bases k")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed warm-up runs")
     p.add_argument("--repeat-seconds", type=float, default=None,
                    help="stop the timed repeats once they add up to this many seconds; a warm-up run that long, at a "
                    "length after the method's first, is kept as the one timed run (a GPU session's time budget)")

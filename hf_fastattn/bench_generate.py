@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .cli import at_least, device_name
 from .bench import DTYPES, _sync, comma_list, environment, positive_int, report_path, save_report
 from .bench_model import arm_list
 from .evaluation import parse_arm, use_arm
@@ -42,12 +43,12 @@ def run(args) -> dict:
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    from .cli import _load
+    from .cli import load_model_arg
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = _load("--model", args.model, dtype=dtype, device=device)
+    model, _ = load_model_arg("--model", args.model, dtype=dtype, device=device)
     model.eval()
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
@@ -136,9 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=positive_int, default=256, help="prompt tokens")
     p.add_argument("--new-tokens", type=_new_tokens, default=64, help="tokens generated (>= 2)")
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per generate()")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each generate (the median)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     p.add_argument("--compile-mode", default=None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import at_least, device_name
 from .bench import (DTYPES, _sync, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
                     report_path, save_report, split_specs, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
@@ -202,19 +203,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=comma_list(check_mode), default=["fwdbwd"],
                    help="fwdbwd (a training step) and/or fwd (a no-grad prefill)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="query heads")
+    p.add_argument("--heads", type=at_least(1), default=4, help="query heads")
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension D")
+    p.add_argument("--head-dim", type=at_least(1), default=64, help="head dimension D")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (default: heads x head dim)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x hidden)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary (small: the loss should not dominate)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--batch", type=at_least(1), default=1, help="sequences per step")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compiles the kernels)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first (compiles the kernels)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="skip longer lengths of an arm slower than this")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--out", default="",

@@ -29,13 +29,47 @@ def positive(kind=float):
     return parse
 
 
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum, else a usage error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def even_degree(text: str) -> int:
+    """argparse type: a polynomial degree (even, >= 2)."""
+    value = at_least(2)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be an even integer >= 2 (the polynomial method's degree), got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N, a CUDA device only where torch has one."""
+    import torch
+
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if text != "cpu" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
+    return text
+
+
 def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
     """Is `name` meant as a local path rather than a hub id (a model, a dataset)? It starts with '.', '/' or '~',
     has more than one '/' (a hub id has at most one), or ends with one of `suffixes` (file types)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(suffixes)
 
 
-def _load(option: str, name: str, **kw):
+def load_model_arg(option: str, name: str, **kw):
     """load_model, with a missing local path or an unloadable name as a UsageError naming the option."""
     from hf_fastattn.loading import load_model
 
@@ -65,8 +99,8 @@ def _demo(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     torch.manual_seed(args.seed)
-    model, _ = _load("--model", args.model)
-    eager, _ = _load("--model", args.model, attn="eager")
+    model, _ = load_model_arg("--model", args.model)
+    eager, _ = load_model_arg("--model", args.model, attn="eager")
     x = torch.randint(0, model.config.vocab_size, (2, 256),
                       generator=torch.Generator().manual_seed(args.seed))
     hf_fastattn.configure(model, method="exact")
@@ -100,7 +134,7 @@ def _diagnose(args) -> int:
         if unknown:
             known = ", ".join(diagnostics.DEFAULT_SETTINGS)
             raise UsageError(f"--settings: unknown settings {unknown}; choose from {known}")
-    model, tokenizer = _load("model", args.model, dtype=__import__("torch").float32, device=args.device)
+    model, tokenizer = load_model_arg("model", args.model, dtype=__import__("torch").float32, device=args.device)
     ids = tokenize(tokenizer, read_text(args.text))
     cut = int(len(ids) * 0.75)  # the last quarter is held out to check the plan
     diag = windows(ids[:cut], args.max_length, args.batch, args.batches)
@@ -140,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="shortened headline experiment on the embedded model (about a minute)")
     demo.add_argument("--model", default="embedded", help="'embedded' or a model path")
     demo.add_argument("--arms", default="exact,poly,band", help="comma list of exact, poly, band, conv, plan")
-    demo.add_argument("--steps", type=int, default=8, help="fine-tuning steps per arm")
+    demo.add_argument("--steps", type=at_least(1), default=8, help="fine-tuning steps per arm")
     demo.add_argument("--seq-len", type=int, default=256, help="training length")
     demo.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per perplexity")
     demo.add_argument("--out", default="runs/demo", help="output directory")
@@ -150,17 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="per-layer, per-head error of every method; optional per-head plan")
     d.add_argument("model", nargs="?", default="embedded", help="'embedded', 'tiny:<family>' or a model path")
     d.add_argument("--text", default=None, help="UTF-8 text file (default: the embedded held-out corpus)")
-    d.add_argument("--max-length", type=int, default=512, help="tokens per row")
-    d.add_argument("--batch", type=int, default=1, help="rows per batch")
-    d.add_argument("--batches", type=int, default=2, help="batches to diagnose (and to check the plan on)")
+    d.add_argument("--max-length", type=at_least(2), default=512, help="tokens per row")
+    d.add_argument("--batch", type=at_least(1), default=1, help="rows per batch")
+    d.add_argument("--batches", type=at_least(1), default=2, help="batches to diagnose (and to check the plan on)")
     d.add_argument("--settings", default="", help="comma list of settings to measure (default: all)")
     d.add_argument("--no-depth", action="store_true", help="skip the end-to-end depth sweep")
     d.add_argument("--plan", type=positive(float), default=None, metavar="BUDGET",
                    help="plan per head within this relative error (a positive number, e.g. 0.1)")
-    d.add_argument("--plan-length", type=int, default=None, help="sequence length the plan's costs are compared at")
+    d.add_argument("--plan-length", type=at_least(1), default=None, help="sequence length the plan's costs are compared at")
     d.add_argument("--save", default=None, help="save the planned model here (needs --plan)")
     d.add_argument("--out-dir", default=None, help="where report.json, heatmap.png and plan.json go")
-    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     d.set_defaults(func=_diagnose)
 
     from . import bench

@@ -8,7 +8,7 @@ Arms (each a fastattn configuration of the same embedded model):
   conv       conv basis with k bases
   plan       a per-head mixed plan chosen by the diagnostics within an error budget
 Every arm gets the same optimizer steps, the same batches (same seed) and the same learning rate. Measured
-before and after: held-out perplexity at the training length and at 4x, the copy probe (loss on the second
+before and after: held-out perplexity at the training length and at long_factor (4) times it, the copy probe (loss on the second
 copy of a random passage repeated far beyond W — a band cannot see the first copy) and passkey retrieval at
 depths far beyond W.
 """
@@ -78,6 +78,10 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ValueError(f"--seq-len {cfg.seq_len} is too short for the copy probe: its distance seq_len - "
                          f"{COPY_MARGIN} = {distance} must be at least the {COPY_PASSAGE}-byte passage, so --seq-len "
                          f">= {COPY_MARGIN + COPY_PASSAGE}")
+    if distance < cfg.window:  # the probe asks what is copied from beyond the band: inside it, every arm copies
+        raise ValueError(f"--seq-len {cfg.seq_len}: the copy probe's distance seq_len - {COPY_MARGIN} = {distance} "
+                         f"must be at least the window W = {cfg.window} (beyond the band), so --seq-len >= "
+                         f"{cfg.window + COPY_MARGIN}")
 
 
 def measure(model, cfg: ExperimentConfig, ids: torch.Tensor, source) -> dict:
@@ -151,7 +155,7 @@ def run_experiment(cfg: ExperimentConfig, progress=print, out: Path | None = Non
         results["arms"][arm] = {"options": options, "before": before, "after": after,
                                 "train_loss": [h["loss"] for h in metrics["train"]],
                                 "op_calls": metrics["op_calls"], "seconds": time.time() - t0}
-        progress(f"{arm:<6} ppl {before['ppl']:.3f} -> {after['ppl']:.3f} | 4x {before['ppl_long']:.3f} -> "
+        progress(f"{arm:<6} ppl {before['ppl']:.3f} -> {after['ppl']:.3f} | {cfg.long_factor}x {before['ppl_long']:.3f} -> "
                  f"{after['ppl_long']:.3f} | copy 2nd {before['copy_second']:.2f} -> {after['copy_second']:.2f} "
                  f"(1st {after['copy_first']:.2f}) | passkey {before['passkey']:.0%} -> {after['passkey']:.0%} "
                  f"[{time.time() - t0:.0f} s]")
@@ -176,7 +180,7 @@ def verdict(results: dict) -> str:
     far, w = results["config"]["seq_len"] - COPY_MARGIN, results["config"]["window"]
     better_copy = p["copy_second"] < b["copy_second"] - 0.05
     lines = [
-        f"copy probe at distance {far} >> W={w}: poly {p['copy_second']:.2f} vs band {b['copy_second']:.2f} nats/byte "
+        f"copy probe at distance {far} >= W={w}: poly {p['copy_second']:.2f} vs band {b['copy_second']:.2f} nats/byte "
         f"on the second copy (first copy, nothing to copy from: {p['copy_first']:.2f}) -> "
         + ("the poly far part carries long-range information the band cannot." if better_copy else
            "the poly far part does NOT recover the far copy better than the band alone."),

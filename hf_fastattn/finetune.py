@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import UsageError, looks_local, positive
+from .cli import UsageError, at_least, load_model_arg, looks_local, positive
 
 FASTATTN_OPTIONS = ("method", "degree", "local_window", "chunk_size", "guard", "poly_coeffs", "fit_range",
                     "conv_k", "conv_placement", "kernel")
@@ -60,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive(int), default=512, help="tokens per packed row")
     p.add_argument("--batch-size", type=positive(int), default=8, help="rows per process per micro-batch")
     p.add_argument("--grad-accum", type=positive(int), default=1, help="gradient accumulation steps")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--steps", type=at_least(1), default=100, help="optimizer steps")
+    p.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps (linear from lr/warmup at the first step; default: a tenth of --steps, at most 10)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="runs/finetune", help="checkpoints, final model and metrics.json")
     p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
     p.add_argument("--seed", type=int, default=0, help="seed (model init, data order)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: default)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads per process (0: default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -272,8 +272,13 @@ def check_args(args) -> None:
     if args.warmup > args.steps:
         warnings.warn(f"--warmup {args.warmup} is longer than --steps {args.steps}: the learning rate peaks at "
                       f"{args.steps / args.warmup:.0%} of --lr", RuntimeWarning, stacklevel=2)
-    if args.plan:
-        read_plan(args.plan)
+    if args.attn == "fastattn":  # a bad option value (--degree 3, --local-window -1) before the model loads
+        from .config import FastAttnConfig
+
+        try:
+            FastAttnConfig.from_dict(fastattn_options(args))
+        except ValueError as err:
+            raise UsageError(f"{err} (the option of that name, or --plan)") from None
     check_resume(args.resume)
     if args.data is not None:
         check_files("--data", args.data)
@@ -325,7 +330,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     import hf_fastattn
-    from hf_fastattn.loading import enable_checkpointing, load_model
+    from hf_fastattn.loading import enable_checkpointing
     from hf_fastattn.ops import stats
 
     check_args(args)
@@ -337,7 +342,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
                       cpu=args.cpu or not torch.cuda.is_available())
     set_seed(args.seed)
     out = Path(args.output_dir)
-    model, tokenizer = load_model(args.model, attn=args.attn)
+    model, tokenizer = load_model_arg("--model", args.model, attn=args.attn)
     options = fastattn_override if fastattn_override is not None else fastattn_options(args)
     if args.attn == "fastattn":
         hf_fastattn.configure(model, replace=True, **options)

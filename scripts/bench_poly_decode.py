@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from hf_fastattn.cli import at_least, device_name, even_degree
 from hf_fastattn.bench import DTYPES, _sync, comma_list, environment, positive_int, report_path, write_json
 from hf_fastattn.ops.poly import poly_coefficients, poly_recurrent_attention
 from hf_fastattn.ops.poly.chunk import poly_direct_attention
@@ -60,12 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=8)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=64)
-    p.add_argument("--degree", type=positive_int, default=2)
-    p.add_argument("--band", type=int, default=64)
+    p.add_argument("--degree", type=even_degree, default=2)
+    p.add_argument("--band", type=at_least(0), default=64)
     p.add_argument("--steps", type=positive_int, default=33, help="decode calls per length (the first builds)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=at_least(0), default=0)
     p.add_argument("--out", default="")
     return p
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from hf_fastattn.cli import at_least, device_name
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,14 +29,15 @@ def main(argv=None) -> int:
                    help="attention arms: exact | poly:opt=v,... | band:local_window=W | conv:conv_k=k | plan:PATH | sdpa")
     p.add_argument("--text", default=None, help="long held-out text file (default: the embedded held-out corpus)")
     p.add_argument("--lengths", default="256,512,1024,2048", help="context lengths for perplexity")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens evaluated per length")
+    p.add_argument("--tokens", type=at_least(1), default=16384, help="tokens evaluated per length")
     p.add_argument("--copy-distances", default="384", help="copy-probe distances (row length = distance + 128)")
     p.add_argument("--passkey-lengths", default="512,1024", help="passkey prompt lengths ('' to skip)")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the passkey")
-    p.add_argument("--trials", type=int, default=4, help="passkey trials per (length, depth)")
+    p.add_argument("--trials", type=at_least(1), default=4, help="passkey trials per (length, depth)")
     p.add_argument("--lm-eval-tasks", default="", help="comma list of lm-eval tasks (needs lm-eval and its data)")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", default="runs/eval", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
     from hf_fastattn import evaluation
     from hf_fastattn.bench import environment
     from hf_fastattn.data import encode
-    from hf_fastattn.loading import load_model, read_text, tokenize
+    from hf_fastattn.cli import UsageError, load_model_arg
+    from hf_fastattn.loading import read_text, tokenize
 
     # everything checkable is checked before the model is loaded and the first arm runs
     arms = []
@@ -68,12 +72,13 @@ def main(argv=None) -> int:
         p.error(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
     if args.text and not Path(args.text).is_file():
         p.error(f"--text: no such file: {args.text}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        p.error(f"--device {args.device!r}: {err}")
-
-    model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model_arg("--model", args.model, device=args.device)
+    except UsageError as err:
+        p.error(str(err))
     model.eval()
     text = read_text(args.text)
     ids = tokenize(tokenizer, text)

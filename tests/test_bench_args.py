@@ -23,13 +23,38 @@ def _args(module, *argv):
     ("poly:kernel=cuda", r"kernel='cuda'; choose from auto, torch, triton"),
     ("conv:placement=random", r"placement='random'; choose from search, even, geometric"),
     ("exact:band=4", r"unknown option 'band'; exact takes none"),
+    # values out of range are refused up front too (they were rows of errors in a JSON, exit status 0)
+    ("poly:degree=0", r"degree='0' must be >= 2"),
+    ("poly:degree=3", r"degree='3' must be even"),
+    ("poly:band=-1", r"band='-1' must be >= 0"),
+    ("conv:k=0", r"k='0' must be >= 1"),
+    ("sdpa,poly:chunk=64,kernel=triton", r"kernel=triton needs --device cuda \(or TRITON_INTERPRET=1 on CPU\)"),
 ])
-def test_bench_bad_method_specs(methods, match):
+def test_bench_bad_method_specs(methods, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the suite runs Triton's interpreter on CPU
     args = _args(bench, "--methods", methods, "--lengths", "64", "--quiet")
     with pytest.raises(ValueError, match=match):
         bench.check_args(args)
     with pytest.raises(SystemExit, match=f"hf-fastattn bench: .*{match}"):
         bench.main(args)
+
+
+@pytest.mark.parametrize("module, argv", [
+    (bench, ["--threads", "-1"]), (bench, ["--device", "tpu"]), (bench, ["--heads", "0"]), (bench, ["--repeats", "0"]),
+    (bench, ["--degree", "3"]), (bench_model, ["--heads", "0"]), (bench_model, ["--device", "cuda:x"]),
+])
+def test_bench_bad_numbers_are_usage_errors(module, argv, capsys):
+    with pytest.raises(SystemExit):
+        _args(module, *argv)
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}: must be" in err and "Traceback" not in err
+
+
+def test_cuda_device_needs_cuda(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        _args(bench, "--device", "cuda")
+    assert "this torch has no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value, match", [

@@ -140,7 +140,8 @@ def test_finetune_first_step_moves_the_weights(tmp_path):
 
 @needs_embedded
 @pytest.mark.parametrize("case", ["plan-missing", "plan-not-json", "plan-invalid", "resume-missing", "data-missing",
-                                  "batch-size-0", "lora-targets"])
+                                  "batch-size-0", "lora-targets", "degree-3", "window-negative", "model-missing",
+                                  "family-unknown", "steps-0"])
 def test_finetune_bad_options_are_usage_errors(tmp_path, capsys, case):
     from hf_fastattn.finetune import main
 
@@ -160,6 +161,13 @@ def test_finetune_bad_options_are_usage_errors(tmp_path, capsys, case):
                                                                  "give a checkpoint-N directory"),
         "data-missing": (["--data", str(tmp_path / "train.txt")], f"--data: no such file: {tmp_path / 'train.txt'}"),
         "batch-size-0": (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+        # fastattn option values are checked before the model loads (they were tracebacks from configure)
+        "degree-3": (["--method", "poly", "--degree", "3"], "fastattn_config['degree'] must be even"),
+        "window-negative": (["--local-window", "-1"], "fastattn_config['local_window'] must be an integer >= 0; got -1"),
+        "model-missing": (["--model", str(tmp_path / "nope")], f"--model '{tmp_path / 'nope'}': no such model directory"),
+        "family-unknown": (["--model", "tiny:nosuch"], "--model 'tiny:nosuch': cannot load the model: ValueError: "
+                                                       "unknown family 'nosuch'"),
+        "steps-0": (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
         "lora-targets": (["--model", "tiny:llama", "--lora", "--lora-targets", "q_proj,qkv_proj"],
                          "--lora-targets: LlamaForCausalLM has no modules named qkv_proj; its Linear layers are "
                          "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
@@ -203,6 +211,9 @@ def _no_model(*_, **__):
     (["--seq-len", "96"], "--seq-len 96 is too short for the copy probe: its distance seq_len - 96 = 0 must be at "
                           "least the 48-byte passage, so --seq-len >= 144"),
     (["--seq-len", "64"], "--seq-len 64 is too short for the copy probe: its distance seq_len - 96 = -32"),
+    (["--seq-len", "144"], "--seq-len 144: the copy probe's distance seq_len - 96 = 48 must be at least the window "
+                           "W = 64 (beyond the band), so --seq-len >= 160"),
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
 ])
 def test_demo_checks_arms_and_seq_len_before_any_work(tmp_path, capsys, monkeypatch, argv, expected):
     from hf_fastattn import cli, loading
