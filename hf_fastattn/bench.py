@@ -392,14 +392,35 @@ def scaling_exponent(ns, ts) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows ("x86_64" tells machines apart badly)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def args_config(args) -> dict:
+    """A report's `config`: every option of the command line that ran (not where it wrote), so that it can be rerun."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "out", "quiet", "no_plot", "command")}
+
+
 def environment(device) -> dict:
+    import shlex
+    import sys
+
     import transformers
 
     from . import __version__
 
     env = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "command": shlex.join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -457,9 +478,7 @@ def run(args, checkpoint=None) -> dict:
 
 
 def _report(args, device, results) -> dict:
-    config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "dtype", "degree", "band",
-                                              "chunk", "conv_k", "repeats", "kernel")}
-    config["repeat_seconds"] = args.repeat_seconds
+    config = args_config(args)
     exponents = compare(results, "method", args.fit_points)
     return {"env": environment(device), "config": config, "results": results, "exponents": exponents}
 

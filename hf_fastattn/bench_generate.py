@@ -21,7 +21,7 @@ import time
 import torch
 
 from .cli import at_least, device_name
-from .bench import DTYPES, _sync, comma_list, environment, positive_int, report_path, save_report
+from .bench import DTYPES, _sync, args_config, comma_list, environment, positive_int, report_path, save_report
 from .bench_model import arm_list
 from .evaluation import parse_arm, use_arm
 
@@ -86,9 +86,7 @@ def run(args) -> dict:
             results.append(row)
             if not args.quiet:
                 print(_line(row), flush=True)
-    config = {k: getattr(args, k) for k in ("model", "dtype", "batch", "prompt", "new_tokens", "repeats",
-                                             "compile_backend")}
-    config["compile_mode"] = compile_config.mode
+    config = dict(args_config(args), compile_mode=compile_config.mode)
     return dict(kind="generate", env=environment(device), config=config, results=results)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cli import at_least, device_name
-from .bench import (DTYPES, _sync, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
+from .bench import (DTYPES, _sync, args_config, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
                     report_path, save_report, split_specs, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
@@ -121,7 +121,7 @@ def run(args, checkpoint=None) -> dict:
 
 
 def _report(args, device, model, weights, results) -> dict:
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "out", "quiet", "no_plot", "command")}
+    config = args_config(args)
     config.update(hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
                   weights_mb=weights / 2**20)
     return {"env": environment(device), "config": config, "results": results, "exponents": compare(results, "arm", 3)}

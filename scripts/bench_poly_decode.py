@@ -15,7 +15,7 @@ import time
 import torch
 
 from hf_fastattn.cli import at_least, device_name, even_degree
-from hf_fastattn.bench import DTYPES, _sync, comma_list, environment, positive_int, report_path, write_json
+from hf_fastattn.bench import DTYPES, _sync, args_config, comma_list, environment, positive_int, report_path, write_json
 from hf_fastattn.ops.poly import poly_coefficients, poly_recurrent_attention
 from hf_fastattn.ops.poly.chunk import poly_direct_attention
 from hf_fastattn.ops.poly.features import feature_count
@@ -87,9 +87,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"N = {n:>8}: state {r['state_ms']:8.3f} ms  direct {r['direct_ms']:9.3f} ms  x{r['speedup']:6.2f}  "
               f"build {r['build_s']:7.3f} s  rel diff {r['rel_diff']:.1e}", flush=True)
-    config = {k: getattr(args, k) for k in ("batch", "heads", "kv_heads", "head_dim", "degree", "band", "steps",
-                                             "dtype")}
-    config["features"] = feature_count(args.head_dim, args.degree)
+    config = dict(args_config(args), features=feature_count(args.head_dim, args.degree))
     path = report_path(args.out, "poly-decode", args.device, args.dtype)
     write_json({"env": environment(device), "config": config, "rows": rows}, path)
     print(f"wrote {path}")

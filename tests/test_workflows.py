@@ -177,7 +177,9 @@ def test_cli_bench_json_schema(tmp_path):
     _cli("bench", "--lengths", "256,512", "--methods", "sdpa,poly,conv:k=4", "--repeats", "1", "--quiet",
          "--out", str(tmp_path / "b.json"))
     rep = json.loads((tmp_path / "b.json").read_text())
-    assert {"date", "device", "torch", "transformers"} <= set(rep["env"])
+    assert {"date", "device", "torch", "transformers", "command"} <= set(rep["env"])
+    # the run's options, to rerun it (the methods and lengths were missing)
+    assert rep["config"]["methods"] == "sdpa,poly,conv:k=4" and rep["config"]["lengths"] == "256,512"
     rows = [r for r in rep["results"] if "ms" in r]
     assert len(rows) == 12 and all(r["ms"] > 0 and "speedup_vs_sdpa" in r and r["finite"] for r in rows)
     assert set(rep["exponents"]) == {"sdpa", "poly", "conv:k=4"}
@@ -270,6 +272,7 @@ def test_cli_bench_generate(tmp_path):
     assert "ms/token" in out and "DIFFER" not in out
     rep = json.loads((tmp_path / "g.json").read_text())
     assert rep["kind"] == "generate" and rep["env"]["torch"] and rep["config"]["compile_mode"] == "default"
+    assert rep["config"]["arms"] == ["sdpa", "exact", "poly:local_window=16"] and rep["config"]["prompt"] == 48
     rows = {(r["arm"], r["compiled"]): r for r in rep["results"]}
     assert len(rows) == 6 and all(r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
     for arm in ("sdpa", "exact", "poly:local_window=16"):
