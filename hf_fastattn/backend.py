@@ -85,12 +85,16 @@ def _guard_allows(method: str, stats, cfg, layer_idx, module=None) -> bool:
     bad = [h for h, e in enumerate(stats.predicted) if e > cfg.guard_tolerance]
     if not bad:
         return True
+    band = (f"The prediction leaves out the exact band (local_window={cfg.local_window}): an upper bound for heads "
+            "whose weight sits in the band, which hf_fastattn.diagnose measures head by head. " if cfg.local_window
+            else "A local_window (an exact band) takes the largest logits out of the polynomial. ")
     message = (
         f"fastattn {method} (layer {layer_idx}): predicted relative output error {stats.worst:.1%} exceeds "
         f"guard_tolerance {cfg.guard_tolerance:.1%} on {len(bad)}/{len(stats.predicted)} heads "
-        f"[{stats.describe(bad[:4])}{', ...' if len(bad) > 4 else ''}]. The polynomial method needs small logits "
-        "(|s q.k| = o(sqrt(log n))) and, against float rounding, no large coordinate products cancelling in q.k: "
-        "use a local_window, a higher degree (if the logits are the cause), method='exact', or fine-tune through it."
+        f"[{stats.describe(bad[:4], getattr(module, 'heads', None))}{', ...' if len(bad) > 4 else ''}]. The "
+        "polynomial method needs small logits (|s q.k| = o(sqrt(log n))) and, against float rounding, no large "
+        f"coordinate products cancelling in q.k. {band}Otherwise: a higher degree (if the logits are the cause), "
+        "method='exact', or fine-tune through it."
     )
     if cfg.guard == "error":
         raise ValueError(message + " (guard='error')")
@@ -731,8 +735,10 @@ def _run_plan(q, k, v, *, heads, cfg, module, sinks=None, **opts):
             kv_idx = torch.tensor(kv, device=q.device)
         qi = torch.tensor(idx, device=q.device)
         sub = cfg.setting(name)
+        group = states.setdefault(name, _GroupState())
+        group.heads = idx  # the layer's head numbers, for messages about the group's heads
         out = _METHODS[sub.method](q.index_select(1, qi), k.index_select(1, kv_idx), v.index_select(1, kv_idx),
-                                   cfg=sub, module=states.setdefault(name, _GroupState()),
+                                   cfg=sub, module=group,
                                    sinks=None if sinks is None else sinks.index_select(0, qi), **opts)
         outs.append(out)
         order += idx

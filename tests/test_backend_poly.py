@@ -249,6 +249,29 @@ def test_autocast_reaches_the_ops_as_16_bit_inputs(method):
         assert torch.equal(backend.fastattn_attention_forward(attn, q, k, v, None)[0], plain)
 
 
+def test_guard_message_names_the_layers_heads_and_the_band():
+    """A plan group's warning names the layer's head numbers (not the group's indices), and says that the
+    prediction leaves the exact band out where there is one, or suggests one where there is none."""
+    backend._warned.clear()
+    _, model = model_pair(tiny_config("llama"))
+    h = model.config.num_attention_heads
+    heads = ["e"] * h
+    heads[1] = heads[3] = "p"
+    settings = {"e": {"method": "exact"}, "p": {"method": "poly", "chunk_size": 8, "local_window": 2, "guard": "warn"}}
+    hf_fastattn.configure(model, plan={"settings": settings, "layers": {0: heads}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=_tokens(1, N, 6))
+    (msg,) = [str(w.message) for w in caught if "guard='warn'" in str(w.message)]
+    assert "on 2/2 heads [h1: " in msg and ", h3: " in msg and "leaves out the exact band (local_window=2)" in msg
+    backend._warned.clear()
+    hf_fastattn.configure(model, replace=True, method="poly", chunk_size=8, local_window=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=_tokens(1, N, 6))
+    assert "A local_window (an exact band)" in str(caught[0].message)
+
+
 def test_guard_catches_float_rounding_with_small_logits():
     """Degree 4 on heads whose logits are small but whose coordinate products (+-100) cancel: the torch chunk path's
     float32 rounding leaves nothing of the denominator (outputs many times |v|; ops test). The guard's rounding term

@@ -64,13 +64,14 @@ class GuardStats:
         per head, which had cost a decode call more than its attention)."""
         return [weight_error(self.coeffs, bb) if bb < 1e4 else math.inf for bb in self.bound]
 
-    def describe(self, heads: list[int]) -> str:
+    def describe(self, heads: list[int], labels: list[int] | None = None) -> str:
+        """heads: indices into the statistics; labels: the layer's head number of each index (a plan group's)."""
         def rounding(h):
             bound = 0.0 if self.rounding is None else self.rounding[h]
             return f", float rounding bound {bound:.2g}" if bound * ROUNDING_TYPICAL > 1e-3 else ""
 
         return ", ".join(
-            f"h{h}: |x|<={self.bound[h]:.3g}, rms {self.sigma[h]:.3g}{rounding(h)}, predicted error "
+            f"h{h if labels is None else labels[h]}: |x|<={self.bound[h]:.3g}, rms {self.sigma[h]:.3g}{rounding(h)}, predicted error "
             f"{self.predicted[h]:.1%}" for h in heads
         )
 
