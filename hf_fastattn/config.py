@@ -35,7 +35,7 @@ class FastAttnConfig:
         guard: what `poly` does when its bounded-entry bound predicts a large error: `"warn"` (once per
             layer), `"exact"` (run exact attention for that call), `"error"` (raise), `"off"`.
         guard_tolerance: predicted relative error above which the guard acts.
-        degree: even degree g of the polynomial P ≈ exp (2, 4 or 6).
+        degree: even degree g >= 2 of the polynomial P ≈ exp (2: the fused kernels; 4, 6: tighter, r grows as d^g).
         poly_coeffs: `"taylor"` (Taylor series of exp at 0) or `"fit"` (least-squares fit on
             `[-fit_range, fit_range]`, kept positive).
         fit_range: half-width of the logit range the `"fit"` polynomial is fitted on.

@@ -21,6 +21,8 @@ def parse_arm(spec: str) -> tuple[str, dict | None]:
     """(label, fastattn options) — options None means transformers' sdpa."""
     name, _, rest = spec.partition(":")
     if name == "sdpa":
+        if rest:
+            raise ValueError(f"arm {spec!r}: sdpa takes no options (it is transformers' own attention)")
         return spec, None
     if name == "plan":
         raw = json.loads(Path(rest).read_text())
@@ -28,8 +30,10 @@ def parse_arm(spec: str) -> tuple[str, dict | None]:
     options = {"method": name, "guard": "off"}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key not in FastAttnConfig.__dataclass_fields__:
-            raise ValueError(f"arm {spec!r}: unknown option {key!r}")
+        if key not in FastAttnConfig.__dataclass_fields__ or key in ("method", "plan"):
+            allowed = ", ".join(k for k in FastAttnConfig.__dataclass_fields__ if k not in ("method", "plan"))
+            raise ValueError(f"arm {spec!r}: unknown option {key!r} (the method is the arm's name; plan:PATH is an "
+                             f"arm of its own); options: {allowed}")
         options[key] = _option_value(spec, key, value)
     FastAttnConfig(**options)  # validates
     return spec, options

@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--degree", type=int, default=2, help="poly degree")
     p.add_argument("--local-window", type=int, default=64, help="exact band W (poly) / window (band)")
     p.add_argument("--chunk-size", type=int, default=128, help="poly chunk size")
-    p.add_argument("--guard", default="off", choices=["warn", "exact", "error", "off"], help="poly guard policy")
+    p.add_argument("--guard", default="off", choices=["warn", "exact", "error", "off"],
+                   help="poly guard policy (default off, unlike the config's warn: fine-tuning through poly is the point, "
+                   "and a guard would warn at every layer of a model not yet adapted)")
     p.add_argument("--poly-coeffs", default="taylor", choices=["taylor", "fit"], help="poly coefficients")
     p.add_argument("--fit-range", type=float, default=2.0, help="logit range of the fitted polynomial")
     p.add_argument("--conv-k", type=int, default=16, help="conv bases")

@@ -104,6 +104,8 @@ def test_arms_with_several_options():
     (["--modes", "fwd,train"], r"argument --modes: mode 'train': choose from fwd, fwdbwd"),
     (["--lengths", "1024,-1"], r"argument --lengths: '-1' is not a positive integer"),
     (["--arms", "sdpa,poly:degre=2"], r"argument --arms: arm 'poly:degre=2': unknown option 'degre'"),
+    (["--arms", "sdpa:degree=2"], r"arm 'sdpa:degree=2': sdpa takes no options"),  # were accepted and ignored
+    (["--arms", "poly:method=conv"], r"arm 'poly:method=conv': unknown option 'method' \(the method is the arm's name"),
     (["--arms", "plan:/nonexistent/plan.json"], r"argument --arms: arm 'plan:/nonexistent/plan.json': .*No such file"),
 ])
 def test_bench_model_bad_arguments_are_usage_errors(argv, match, capsys):
