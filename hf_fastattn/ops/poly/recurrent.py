@@ -130,7 +130,7 @@ def _spec(q, v, scale, coeffs, band) -> tuple:
 def from_prefill(final, q, k, v, scale, coeffs, band=0, kv_valid=None) -> PolyDecodeState | None:
     """A decode state from a prefill's last prefix state `final` = (S, n) (`poly_chunk_attention(...,
     output_final_state=True)`: S over the key slots [0, n)), so that the first decoded token does not sweep the
-    prefix's features again: only its key statistics are read (O(n D^2), not O(n r D)). None where S does not
+    prefix's features again: only its key / value statistics are read (O(n D^2), not O(n r D)). None where S does not
     end on a block boundary (a chunk_size that is no multiple of _BLOCK) or holds no keys."""
     s, n = final
     if n <= 0 or n % _BLOCK:
@@ -154,8 +154,9 @@ def key_moments(state: PolyDecodeState, k: torch.Tensor, kv_valid: torch.Tensor 
 @torch.no_grad()
 def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid=None, sinks=None, state=None):
     """The last Nq rows against the cache k, v: [B, Hkv, Nk, D], q: [B, H, Nq, D], with the far keys from
-    `state` (None, or one built on another cache: a new one), the slots after its last block directly. Returns (out [B, H, Nq, Dv], state). Inference
-    only (no autograd); the numbers are those of `poly_direct_attention` up to float32 rounding of S."""
+    `state` (None, or one built on another cache: a new one), the slots after its last block directly. Returns
+    (out [B, H, Nq, Dv], state). Inference only (no autograd); the numbers are those of `poly_direct_attention` up
+    to float32 rounding of S."""
     count("poly.recurrent")
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
