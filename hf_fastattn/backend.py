@@ -164,7 +164,10 @@ def _run_poly(q, k, v, *, scale, causal, window, softcap, kv_valid, cfg, layer_i
     if hand_over:
         out, final = out
         state = None if final is None else from_prefill(final, q, k, v, scale, coeffs, cfg.local_window, kv_valid)
-        module.__dict__[_POLY_STATE] = state
+        if state is None:  # a state of another sequence would only be rebuilt
+            module.__dict__.pop(_POLY_STATE, None)
+        else:
+            module.__dict__[_POLY_STATE] = state
     return _finite_or_exact(out, "poly", layer_idx, exact, module)
 
 

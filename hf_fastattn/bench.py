@@ -16,6 +16,8 @@ import math
 import os
 import platform
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -410,9 +412,6 @@ def args_config(args) -> dict:
 
 
 def environment(device) -> dict:
-    import shlex
-    import sys
-
     import transformers
 
     from . import __version__

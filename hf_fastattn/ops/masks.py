@@ -85,6 +85,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def valid_slots(kv_valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+    """[B, Nk] bool: kv_valid, or every key slot of k [B, Hkv, Nk, D] real."""
+    if kv_valid is None:
+        return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    return kv_valid.bool()
+
+
 def check_kv_valid(kv_valid: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """The padding mask as bool [B, Nk] on q's device, or None; a mask of another shape is refused (a
     broadcast [Nk] or [B, 1, Nk] would silently mask the wrong slots)."""

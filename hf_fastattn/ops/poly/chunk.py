@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..masks import acc_dtype
+from ..masks import acc_dtype, valid_slots
 from ..sinks import fold_sink, sink_grad
 from ..stats import count
 from .features import FeatureMap, abs_poly, poly_deriv, poly_eval
@@ -303,7 +303,7 @@ def pad_to_chunks(q, k, v, kv_valid, chunk):
     nq, nk = q.shape[2], k.shape[2]
     left = (-(nk - nq)) % chunk
     right = (-(left + nk)) % chunk
-    valid = torch.ones(k.shape[0], nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    valid = valid_slots(kv_valid, k)
     if left == right == 0:  # no copies (q, k, v take gigabytes at 1M tokens)
         return q.contiguous(), k.contiguous(), v.contiguous(), valid
     valid = F.pad(valid, (left, right), value=False)
@@ -346,8 +346,8 @@ def poly_direct_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_valid
     """The same function computed directly against every key (decode: O(Nq Nk D)); autograd backward."""
     count("poly.direct")
     b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    hkv = k.shape[1]
+    valid = valid_slots(kv_valid, k)
     q5 = q.view(b, hkv, h // hkv, nq, d).to(acc_dtype(q.dtype))
     out = direct_form(q5, k, v, valid, 0, scale, coeffs, band, softcap, sinks)
     return out.reshape(b, h, nq, -1).to(q.dtype)

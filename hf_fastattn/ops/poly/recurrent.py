@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import acc_dtype
+from ..masks import acc_dtype, valid_slots
 from ..stats import count
 from . import guard
 from .chunk import _with_ones, direct_form
@@ -137,7 +137,7 @@ def from_prefill(final, q, k, v, scale, coeffs, band=0, kv_valid=None) -> PolyDe
         return None
     spec = _spec(q, v, scale, coeffs, band)
     fmap = FeatureMap.get(q.shape[-1], len(coeffs) - 1)
-    valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    valid = valid_slots(kv_valid, k)
     count("poly.state_from_prefill")
     state = _fresh(k, v, spec, fmap, spec[-1])
     state.s = s
@@ -161,7 +161,7 @@ def poly_recurrent_attention(q, k, v, scale, coeffs, band=0, softcap=None, kv_va
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dt = acc_dtype(q.dtype)
-    valid = torch.ones(b, nk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid.bool()
+    valid = valid_slots(kv_valid, k)
     fmap = FeatureMap.get(d, len(coeffs) - 1)
     spec = _spec(q, v, scale, coeffs, band)
     end = far_end(nk, nq, band)
