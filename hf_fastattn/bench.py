@@ -1,7 +1,7 @@
 """Attention benchmark: our ops against torch SDPA in the same run.
 
 For each method and sequence length: forward (no grad) and forward+backward wall time, peak memory (CUDA
-allocator peak, or the process's peak RSS on CPU, reset before each measurement), the ratio to SDPA, our
+allocator's peak, or on CPU the peak of live tensor bytes seen by torch's profiler), the ratio to SDPA, our
 own FLOP count and achieved TFLOP/s, and the scaling exponent fitted over the longest lengths. Results
 go to JSON (with device, versions and date) and a PNG plot. Used by `hf-fastattn bench` and
 `scripts/bench_attention.py`.
@@ -10,6 +10,7 @@ go to JSON (with device, versions and date) and a PNG plot. Used by `hf-fastattn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -227,25 +228,42 @@ def flop_count(name: str, b: int, h: int, hkv: int, n: int, d: int, mode: str, a
 
 
 # ---------------------------------------------------------------------------------------- measuring
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM
-
-
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: some torch builds' profiler prints two lines to it at every start and stop."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
     try:
-        status = open("/proc/self/status").read()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        import resource
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+@contextlib.contextmanager
+def cpu_peak():
+    """Yields a dict whose "bytes", after the block, is the peak of CPU tensor bytes alive at once during it above
+    those alive at its start. Torch's profiler sees every allocation and free of the CPU allocator; the process's
+    peak RSS does not (pages the allocator frees and reuses are counted once, by whichever run touched them
+    first: rows of 0 MiB, and peaks that fell with N)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof, result = profile(activities=[ProfilerActivity.CPU], profile_memory=True), {}
+    with _quiet_stderr():
+        prof.start()
+    try:
+        yield result
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):  # stable: an alloc and free in one ns keep their order
+            live += e.nbytes()
+            peak = max(peak, live)
+        result["bytes"] = peak
 
 
 def _sync(device):
@@ -263,21 +281,36 @@ def _timed_run(step, device) -> tuple[float, bool]:
 
 def time_step(step, device, repeats, warmup, budget=None, warm=False):
     """(median seconds, peak MiB above what was allocated before, finite?, runs timed) of `step()`, which returns
-    a tensor to check for non-finite values.
+    a tensor to check for non-finite values. The peak is the CUDA allocator's over the timed runs, or on CPU that
+    of one run under the profiler (`cpu_peak`): the first warm-up run, or an extra untimed run without one.
 
     budget: seconds; the timed runs stop once they add up to more (at least one runs). With `warm` (the step's
     kernels already ran at a shorter length: compiled, autotuned), a warm-up run longer than `budget` is kept as
     the one timed run: SDPA at 1M tokens takes 30 s a run, and the allocator's growth is a negligible part of it.
     """
+    cuda = device.type == "cuda"
 
     def start():
-        _peak_reset(device)
-        return _peak_mb(device) if device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return 0
+
+    peak = [0]
+
+    def warm_up(first):
+        if cuda or not first:
+            return _timed_run(step, device)
+        with cpu_peak() as mem:
+            result = _timed_run(step, device)
+        peak[0] = mem["bytes"]
+        return result
 
     before = start()
     times, finite = [], True
-    for _ in range(warmup):
-        sec, fin = _timed_run(step, device)
+    for i in range(warmup if cuda else max(warmup, 1)):
+        sec, fin = warm_up(i == 0)
         if warm and budget is not None and sec > budget:
             times, finite = [sec], fin
             break
@@ -289,9 +322,10 @@ def time_step(step, device, repeats, warmup, budget=None, warm=False):
             finite = finite and fin
             if budget is not None and sum(times) > budget:
                 break
-    peak = _peak_mb(device) - before
+    if cuda:
+        peak[0] = torch.cuda.max_memory_allocated() - before
     times.sort()
-    return times[len(times) // 2], max(peak, 0.0), finite, len(times)
+    return times[len(times) // 2], max(peak[0], 0) / 2**20, finite, len(times)
 
 
 def measure(fn, q, k, v, mode, repeats, warmup, budget=None, warm=False):

@@ -48,10 +48,11 @@ def build_model(args, device, dtype):
 
 def _step_fn(model, ids, mode, seen):
     """One step as a closure for `time_step`; it records in `seen` the loss and (CUDA) the bytes allocated
-    after the forward, beyond those before it: what the layers keep for the backward."""
+    after the forward, beyond those before it: what the layers keep for the backward, and the calls made."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
+        seen["calls"] = seen.get("calls", 0) + 1
         if mode == "fwd":  # no KV cache in either mode: the steps time the computation
             with torch.no_grad():  # a prefill: only the last position's logits
                 return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
@@ -102,9 +103,8 @@ def run(args, checkpoint=None) -> dict:
                                 lambda: time_step(step, device, args.repeats, args.warmup))
                 results.append(row)
                 if "ms" in row:
-                    steps = row["runs"] + args.warmup  # the step runs counted by stats.COUNTS
-                    row.update(tokens_per_s=args.batch * n / row["ms"] * 1e3,
-                               ops={k: v / steps for k, v in sorted(stats.COUNTS.items())})
+                    row.update(tokens_per_s=args.batch * n / row["ms"] * 1e3,  # COUNTS: every call of the step
+                               ops={k: v / seen["calls"] for k, v in sorted(stats.COUNTS.items())})
                     if "held" in seen:
                         row["held_mb"] = seen["held"] / 2**20
                     if "loss" in seen:

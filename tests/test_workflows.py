@@ -240,6 +240,35 @@ def test_time_step_budget(monkeypatch):
     assert runs(2.0, budget=3.0, warm=True) == (3, 2)
 
 
+def test_cpu_peak_counts_live_tensor_bytes(capfd):
+    """CPU peak memory: the most tensor bytes alive at once, above those alive before, exactly, whatever the
+    allocator reuses (the process's peak RSS, used before, gave 0 MiB to a step that reused freed pages); what the
+    step prints to stderr still comes through (only the profiler's own start / stop lines are silenced)."""
+    import sys
+
+    from hf_fastattn import bench
+
+    n = int(torch.randint(200, 400, ()).item()) * 1024  # fresh sizes: float32, n * 4 bytes each
+    held = torch.randn(n)  # alive before: not counted
+
+    def step():
+        a = torch.randn(n)
+        b = torch.randn(2 * n)  # a + b alive: the peak, 3 n floats
+        del a, b
+        c = torch.randn(2 * n)  # reuses freed memory: RSS would not grow
+        print("from the step", file=sys.stderr)
+        return c[:1] + held[:1]
+
+    for _ in range(2):  # the second time the allocator has the pages already
+        with bench.cpu_peak() as mem:
+            step()
+        assert abs(mem["bytes"] - 12 * n) < 1024, (mem["bytes"], 12 * n)
+    assert capfd.readouterr().err.count("from the step") == 2
+    for warmup in (0, 2):  # time_step profiles one untimed run (an extra one without warm-up)
+        _, peak_mib, finite, runs = bench.time_step(step, torch.device("cpu"), 2, warmup)
+        assert abs(peak_mib * 2**20 - 12 * n) < 1024 and finite and runs == 2
+
+
 def test_cli_bench_model(tmp_path):
     """Training steps of a random 2-layer decoder: every arm runs, through the op it names (call counters), and
     computes the same loss as SDPA within its approximation (random weights: small logits, where poly holds)."""
