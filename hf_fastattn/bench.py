@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import at_least, device_name, even_degree
-from .config import CONV_PLACEMENTS
+from .config import CONV_PLACEMENTS, OP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_KNOBS = {"tile", "seg", "rows", "save"}  # poly spec keys that call the Triton kernels' schedule directly
@@ -63,7 +63,8 @@ def parse_spec(name: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if key not in allowed:
             keys = ", ".join(allowed) or "none"
-            raise ValueError(f"method {name!r}: unknown option {key!r}; {base} takes {keys}")
+            hint = f" ({key} is the config's name; the op's is {OP_NAMES[key]}=)" if OP_NAMES.get(key) in allowed else ""
+            raise ValueError(f"method {name!r}: unknown option {key!r}{hint}; {base} takes {keys}")
         if not eq or not value:
             raise ValueError(f"method {name!r}: option {key!r} needs a value ({key}=...)")
         kind = allowed[key]

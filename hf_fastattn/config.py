@@ -19,6 +19,8 @@ GUARDS = ("warn", "exact", "error", "off")
 CONV_PLACEMENTS = ("search", "even", "geometric")
 POLY_FITS = ("taylor", "fit")
 BACKENDS = ("auto", "torch", "triton")
+# config options and the names the ops (and `hf-fastattn bench`'s method specs, which call the ops) give them
+OP_NAMES = {"local_window": "band", "chunk_size": "chunk", "conv_k": "k", "conv_placement": "placement"}
 
 # Options that may differ per layer (`layers={idx: {...}}`); `layers` and `plan` themselves are global.
 _GLOBAL_ONLY = ("layers", "plan")

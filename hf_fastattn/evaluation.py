@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FastAttnConfig
+from .config import OP_NAMES, FastAttnConfig
 
 
 def parse_arm(spec: str) -> tuple[str, dict | None]:
@@ -32,8 +32,10 @@ def parse_arm(spec: str) -> tuple[str, dict | None]:
         key, _, value = item.partition("=")
         if key not in FastAttnConfig.__dataclass_fields__ or key in ("method", "plan"):
             allowed = ", ".join(k for k in FastAttnConfig.__dataclass_fields__ if k not in ("method", "plan"))
+            config_name = {op: name for name, op in OP_NAMES.items()}.get(key)
+            hint = f"; {key} is the op's name (bench's), the config's is {config_name}=" if config_name else ""
             raise ValueError(f"arm {spec!r}: unknown option {key!r} (the method is the arm's name; plan:PATH is an "
-                             f"arm of its own); options: {allowed}")
+                             f"arm of its own{hint}); options: {allowed}")
         options[key] = _option_value(spec, key, value)
     FastAttnConfig(**options)  # validates
     return spec, options

@@ -23,6 +23,9 @@ def _args(module, *argv):
     ("poly:kernel=cuda", r"kernel='cuda'; choose from auto, torch, triton"),
     ("conv:placement=random", r"placement='random'; choose from search, even, geometric"),
     ("exact:band=4", r"unknown option 'band'; exact takes none"),
+    # the arms' (config) names get the op's name back
+    ("poly:local_window=64", r"unknown option 'local_window' \(local_window is the config's name; the op's is band=\)"),
+    ("conv:conv_k=4", r"unknown option 'conv_k' \(conv_k is the config's name; the op's is k=\)"),
     # values out of range are refused up front too (they were rows of errors in a JSON, exit status 0)
     ("poly:degree=0", r"degree='0' must be >= 2"),
     ("poly:degree=3", r"degree='3' must be even"),
@@ -106,6 +109,8 @@ def test_arms_with_several_options():
     (["--arms", "sdpa,poly:degre=2"], r"argument --arms: arm 'poly:degre=2': unknown option 'degre'"),
     (["--arms", "sdpa:degree=2"], r"arm 'sdpa:degree=2': sdpa takes no options"),  # were accepted and ignored
     (["--arms", "poly:method=conv"], r"arm 'poly:method=conv': unknown option 'method' \(the method is the arm's name"),
+    (["--arms", "poly:band=64"], r"unknown option 'band' \(.*; band is the op's name \(bench's\), the config's is "
+                                 r"local_window=\)"),
     (["--arms", "plan:/nonexistent/plan.json"], r"argument --arms: arm 'plan:/nonexistent/plan.json': .*No such file"),
 ])
 def test_bench_model_bad_arguments_are_usage_errors(argv, match, capsys):
