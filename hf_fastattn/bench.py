@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli import at_least, device_name, even_degree
+from .cli import at_least, comma_list, device_name, even_degree
 from .config import CONV_PLACEMENTS, OP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,24 +94,6 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-def comma_list(check):
-    """An argparse type: a comma list, each item through `check` (which raises ValueError), so a bad item is a
-    usage error naming it before anything runs, not a traceback later."""
-    def parse(text: str) -> list:
-        try:
-            return [check(x) for x in text.split(",")]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
-
-
-def positive_int(text: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
-        raise ValueError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
@@ -123,8 +105,8 @@ def check_args(args) -> tuple[list[int], list[str], list[str]]:
     spec must not surface after an hour of measuring); a method that cannot run here (flash-attn missing)
     is refused too."""
     try:
-        lengths, modes = [positive_int(x) for x in args.lengths.split(",")], [check_mode(m) for m in args.modes.split(",")]
-    except ValueError as err:
+        lengths, modes = comma_list(at_least(1))(args.lengths), comma_list(check_mode)(args.modes)
+    except argparse.ArgumentTypeError as err:
         raise ValueError(f"--lengths {args.lengths!r} / --modes {args.modes!r}: {err}") from None
     methods = split_specs(args.methods)
     for m in methods:

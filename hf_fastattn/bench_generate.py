@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from .cli import at_least, device_name
-from .bench import DTYPES, _sync, args_config, comma_list, environment, positive_int, report_path, save_report
+from .cli import at_least, comma_list, device_name
+from .bench import DTYPES, _sync, args_config, environment, report_path, save_report
 from .bench_model import arm_list
 from .evaluation import parse_arm, use_arm
 
@@ -132,13 +132,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="embedded, tiny:<family>, a model directory or hub id")
     p.add_argument("--arms", type=arm_list, default=["sdpa", "exact", "poly:local_window=64"],
                    help="comma list of arms (sdpa, exact, poly[:option=value...], conv:...)")
-    p.add_argument("--prompt", type=positive_int, default=256, help="prompt tokens")
+    p.add_argument("--prompt", type=at_least(1), default=256, help="prompt tokens")
     p.add_argument("--new-tokens", type=_new_tokens, default=64, help="tokens generated (>= 2)")
-    p.add_argument("--batch", type=positive_int, default=1, help="prompts per generate()")
+    p.add_argument("--batch", type=at_least(1), default=1, help="prompts per generate()")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each generate (the median)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed runs of each generate (the median)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (default: reduce-overhead on CUDA, as transformers', else default)")
@@ -150,10 +150,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _new_tokens(text: str) -> int:
-    n = positive_int(text)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"must be >= 2 (the decode time is generate(N) - generate(1)), got {n}")
-    return n
+    try:
+        return at_least(2)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (the decode time is generate(N) - generate(1)), "
+                                         f"got {text!r}") from None
 
 
 def main(args) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import at_least, device_name
-from .bench import (DTYPES, _sync, args_config, check_mode, checkpoint_to, comma_list, compare, environment, positive_int,
+from .cli import at_least, comma_list, device_name
+from .bench import (DTYPES, _sync, args_config, check_mode, checkpoint_to, compare, environment,
                     report_path, save_report, split_specs, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
@@ -198,7 +198,7 @@ def arm_list(text: str) -> list:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", type=arm_list, default=["sdpa", "exact", "poly", "band:local_window=64"],
                    help="comma list of arms (sdpa, exact, poly[:option=value...], band:..., conv:...)")
-    p.add_argument("--lengths", type=comma_list(positive_int), default=[1024, 2048, 4096],
+    p.add_argument("--lengths", type=comma_list(at_least(1)), default=[1024, 2048, 4096],
                    help="comma list of sequence lengths")
     p.add_argument("--modes", type=comma_list(check_mode), default=["fwdbwd"],
                    help="fwdbwd (a training step) and/or fwd (a no-grad prefill)")

@@ -13,20 +13,15 @@ class UsageError(ValueError):
     usage error."""
 
 
-def positive(kind=float):
-    """argparse type: a positive finite number of `kind` (int or float), else a usage error naming the value."""
-    what = "integer" if kind is int else "number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}")
-        return value
-
-    return parse
+def positive(text: str) -> float:
+    """argparse type: a positive finite number, else a usage error naming the value (integers: `at_least(1)`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def at_least(minimum: int):
@@ -40,6 +35,21 @@ def at_least(minimum: int):
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
         return value
+
+    return parse
+
+
+def comma_list(check, allow_empty: bool = False):
+    """argparse type: a comma list, each item through `check` (an argparse type, or a function that raises
+    ValueError), so a bad item is a usage error naming it before anything runs; '' is [] with `allow_empty`."""
+
+    def parse(text: str) -> list:
+        if allow_empty and not text.strip():
+            return []
+        try:
+            return [check(x.strip()) for x in text.split(",")]
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
 
@@ -189,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batches", type=at_least(1), default=2, help="batches to diagnose (and to check the plan on)")
     d.add_argument("--settings", default="", help="comma list of settings to measure (default: all)")
     d.add_argument("--no-depth", action="store_true", help="skip the end-to-end depth sweep")
-    d.add_argument("--plan", type=positive(float), default=None, metavar="BUDGET",
+    d.add_argument("--plan", type=positive, default=None, metavar="BUDGET",
                    help="plan per head within this relative error (a positive number, e.g. 0.1)")
     d.add_argument("--plan-length", type=at_least(1), default=None, help="sequence length the plan's costs are compared at")
     d.add_argument("--save", default=None, help="save the planned model here (needs --plan)")

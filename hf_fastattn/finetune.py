@@ -59,11 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out files (default: the embedded held-out corpus; with --data, its last 5 %% of rows, "
                         "held out of training)")
     p.add_argument("--copy-fraction", type=float, default=0.0, help="share of training rows with a repeated passage (embedded data)")
-    p.add_argument("--seq-len", type=positive(int), default=512, help="tokens per packed row")
-    p.add_argument("--batch-size", type=positive(int), default=8, help="rows per process per micro-batch")
-    p.add_argument("--grad-accum", type=positive(int), default=1, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="tokens per packed row")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per process per micro-batch")
+    p.add_argument("--grad-accum", type=at_least(1), default=1, help="gradient accumulation steps")
     p.add_argument("--steps", type=at_least(1), default=100, help="optimizer steps")
-    p.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate")
+    p.add_argument("--lr", type=positive, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps (linear from lr/warmup at the first step; default: a tenth of --steps, at most 10)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from hf_fastattn.cli import at_least, device_name, even_degree
-from hf_fastattn.bench import DTYPES, _sync, args_config, comma_list, environment, positive_int, report_path, write_json
+from hf_fastattn.cli import at_least, comma_list, device_name, even_degree
+from hf_fastattn.bench import DTYPES, _sync, args_config, environment, report_path, write_json
 from hf_fastattn.ops.poly import poly_coefficients, poly_recurrent_attention
 from hf_fastattn.ops.poly.chunk import poly_direct_attention
 from hf_fastattn.ops.poly.features import feature_count
@@ -56,14 +56,14 @@ def measure(n: int, args, device, dtype) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=comma_list(positive_int), default=[4096, 16384, 65536])
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--heads", type=positive_int, default=8)
-    p.add_argument("--kv-heads", type=positive_int, default=4)
-    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--lengths", type=comma_list(at_least(1)), default=[4096, 16384, 65536])
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--heads", type=at_least(1), default=8)
+    p.add_argument("--kv-heads", type=at_least(1), default=4)
+    p.add_argument("--head-dim", type=at_least(1), default=64)
     p.add_argument("--degree", type=even_degree, default=2)
     p.add_argument("--band", type=at_least(0), default=64)
-    p.add_argument("--steps", type=positive_int, default=33, help="decode calls per length (the first builds)")
+    p.add_argument("--steps", type=at_least(1), default=33, help="decode calls per length (the first builds)")
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=at_least(0), default=0)

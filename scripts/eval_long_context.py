@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from hf_fastattn.cli import at_least, device_name
+from hf_fastattn.cli import at_least, comma_list, device_name
 
 
 def main(argv=None) -> int:
@@ -28,10 +28,13 @@ def main(argv=None) -> int:
     p.add_argument("--arms", nargs="+", default=["exact", "poly:local_window=64", "band:local_window=64"],
                    help="attention arms: exact | poly:opt=v,... | band:local_window=W | conv:conv_k=k | plan:PATH | sdpa")
     p.add_argument("--text", default=None, help="long held-out text file (default: the embedded held-out corpus)")
-    p.add_argument("--lengths", default="256,512,1024,2048", help="context lengths for perplexity")
+    p.add_argument("--lengths", type=comma_list(at_least(1)), default="256,512,1024,2048",
+                   help="context lengths for perplexity")
     p.add_argument("--tokens", type=at_least(1), default=16384, help="tokens evaluated per length")
-    p.add_argument("--copy-distances", default="384", help="copy-probe distances (row length = distance + 128)")
-    p.add_argument("--passkey-lengths", default="512,1024", help="passkey prompt lengths ('' to skip)")
+    p.add_argument("--copy-distances", type=comma_list(at_least(1)), default="384",
+                   help="copy-probe distances (row length = distance + 128)")
+    p.add_argument("--passkey-lengths", type=comma_list(at_least(1), allow_empty=True), default="512,1024",
+                   help="passkey prompt lengths ('' to skip)")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the passkey")
     p.add_argument("--trials", type=at_least(1), default=4, help="passkey trials per (length, depth)")
     p.add_argument("--lm-eval-tasks", default="", help="comma list of lm-eval tasks (needs lm-eval and its data)")
@@ -61,9 +64,7 @@ def main(argv=None) -> int:
     labels = [label for label, _ in arms]
     if len(set(labels)) != len(labels):
         p.error(f"--arms: an arm is given twice: {' '.join(args.arms)}")
-    lengths = _ints(p, "--lengths", args.lengths)
-    distances = _ints(p, "--copy-distances", args.copy_distances)
-    passkey_lengths = _ints(p, "--passkey-lengths", args.passkey_lengths) if args.passkey_lengths else []
+    lengths, distances, passkey_lengths = args.lengths, args.copy_distances, args.passkey_lengths
     try:
         depths = [float(x) for x in args.depths.split(",") if x]
     except ValueError:
@@ -111,17 +112,6 @@ def main(argv=None) -> int:
     evaluation.plot(json.loads((out / "results.json").read_text()), out / "results.png")
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
     return 0
-
-
-def _ints(p, option: str, text: str) -> list[int]:
-    """A comma list of positive integers, or an argparse error naming the option."""
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        p.error(f"{option} must be a comma list of positive integers, got {text!r}")
-    return values
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ def test_cuda_device_needs_cuda(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("option, value, match", [
-    ("--lengths", "128,0", r"'0' is not a positive integer"),
-    ("--lengths", "1k", r"'1k' is not a positive integer"),
+    ("--lengths", "128,0", r"must be an integer >= 1, got '0'"),
+    ("--lengths", "1k", r"must be an integer >= 1, got '1k'"),
     ("--modes", "fwd,bwd", r"mode 'bwd': choose from fwd, fwdbwd"),
 ])
 def test_bench_bad_lengths_and_modes(option, value, match):
@@ -105,7 +105,7 @@ def test_arms_with_several_options():
     (["--arms", "sdpa,poly:local_window=4,windw=2"], r"argument --arms: arm 'poly:local_window=4,windw=2': unknown "
                                                        r"option 'windw'"),
     (["--modes", "fwd,train"], r"argument --modes: mode 'train': choose from fwd, fwdbwd"),
-    (["--lengths", "1024,-1"], r"argument --lengths: '-1' is not a positive integer"),
+    (["--lengths", "1024,-1"], r"argument --lengths: must be an integer >= 1, got '-1'"),
     (["--arms", "sdpa,poly:degre=2"], r"argument --arms: arm 'poly:degre=2': unknown option 'degre'"),
     (["--arms", "sdpa:degree=2"], r"arm 'sdpa:degree=2': sdpa takes no options"),  # were accepted and ignored
     (["--arms", "poly:method=conv"], r"arm 'poly:method=conv': unknown option 'method' \(the method is the arm's name"),

@@ -160,7 +160,7 @@ def test_finetune_bad_options_are_usage_errors(tmp_path, capsys, case):
         "resume-missing": (["--resume", str(tmp_path / "ckpt")], f"--resume {tmp_path / 'ckpt'}: no such directory; "
                                                                  "give a checkpoint-N directory"),
         "data-missing": (["--data", str(tmp_path / "train.txt")], f"--data: no such file: {tmp_path / 'train.txt'}"),
-        "batch-size-0": (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+        "batch-size-0": (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
         # fastattn option values are checked before the model loads (they were tracebacks from configure)
         "degree-3": (["--method", "poly", "--degree", "3"], "fastattn_config['degree'] must be even"),
         "window-negative": (["--local-window", "-1"], "fastattn_config['local_window'] must be an integer >= 0; got -1"),
@@ -285,7 +285,23 @@ def test_eval_long_context_checks_every_arm_before_loading(tmp_path, capsys, mon
     msg = usage_error(capsys, eval_long_context.main, ["--arms", "exact", f"plan:{tmp_path / 'p.json'}"], prog)
     assert msg.startswith(f"{prog}: error: --arms 'plan:{tmp_path / 'p.json'}': [Errno 2] No such file")
     msg = usage_error(capsys, eval_long_context.main, ["--lengths", "256,abc"], prog)
-    assert msg == f"{prog}: error: --lengths must be a comma list of positive integers, got '256,abc'"
+    assert msg == f"{prog}: error: argument --lengths: must be an integer >= 1, got 'abc'"
+    msg = usage_error(capsys, eval_long_context.main, ["--copy-distances", "384,0"], prog)
+    assert msg == f"{prog}: error: argument --copy-distances: must be an integer >= 1, got '0'"
+
+
+def test_comma_list():
+    """The one comma-list type: each item through the item type, a bad one named; '' only where allowed (eval's
+    --passkey-lengths '' skips the passkey)."""
+    import argparse
+
+    from hf_fastattn.cli import at_least, comma_list
+
+    assert comma_list(at_least(1))("4096, 16384") == [4096, 16384]
+    assert comma_list(at_least(1), allow_empty=True)("") == []
+    for text, bad in (("", "''"), ("8,,16", "''"), ("8,-2", "'-2'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be an integer >= 1, got {bad}"):
+            comma_list(at_least(1))(text)
 
 
 # ----------------------------------------------------------------------------------------------- run.sh
