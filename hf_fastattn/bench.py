@@ -428,6 +428,11 @@ def args_config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "out", "quiet", "no_plot", "command")}
 
 
+def peak_memory(device) -> str:
+    """What a report's peak_mb is (`time_step`); reports before 2026-12-07 took the CPU's from the peak RSS."""
+    return "CUDA allocator peak" if device.type == "cuda" else "CPU tensor bytes alive (torch profiler)"
+
+
 def environment(device) -> dict:
     import transformers
 
@@ -496,7 +501,8 @@ def run(args, checkpoint=None) -> dict:
 def _report(args, device, results) -> dict:
     config = args_config(args)
     exponents = compare(results, "method", args.fit_points)
-    return {"env": environment(device), "config": config, "results": results, "exponents": exponents}
+    return {"env": environment(device), "config": config, "peak_memory": peak_memory(device), "results": results,
+            "exponents": exponents}
 
 
 def print_table(report) -> None:

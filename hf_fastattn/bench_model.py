@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cli import at_least, comma_list, device_name
-from .bench import (DTYPES, _sync, args_config, check_mode, checkpoint_to, compare, environment,
+from .bench import (DTYPES, _sync, args_config, check_mode, checkpoint_to, compare, environment, peak_memory,
                     report_path, save_report, split_specs, time_step, timed_row)
 from .evaluation import parse_arm, use_arm
 from .loading import enable_checkpointing
@@ -124,7 +124,8 @@ def _report(args, device, model, weights, results) -> dict:
     config = args_config(args)
     config.update(hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
                   weights_mb=weights / 2**20)
-    return {"env": environment(device), "config": config, "results": results, "exponents": compare(results, "arm", 3)}
+    return {"env": environment(device), "config": config, "peak_memory": peak_memory(device), "results": results,
+            "exponents": compare(results, "arm", 3)}
 
 
 def print_table(report) -> None:

@@ -182,6 +182,10 @@ def test_cli_bench_json_schema(tmp_path):
     assert rep["config"]["methods"] == "sdpa,poly,conv:k=4" and rep["config"]["lengths"] == "256,512"
     rows = [r for r in rep["results"] if "ms" in r]
     assert len(rows) == 12 and all(r["ms"] > 0 and "speedup_vs_sdpa" in r and r["finite"] for r in rows)
+    # every step allocates: no 0 MiB rows (the peak RSS gave them), and a longer row holds more
+    assert rep["peak_memory"].startswith("CPU tensor bytes") and all(r["peak_mb"] > 0 for r in rows)
+    peak = {(r["method"], r["mode"], r["n"]): r["peak_mb"] for r in rows}
+    assert all(peak[m, mode, 512] > peak[m, mode, 256] for m, mode, _ in peak)
     assert set(rep["exponents"]) == {"sdpa", "poly", "conv:k=4"}
     assert "partial" not in rep and not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "b.png").exists()
