@@ -374,35 +374,47 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     acc.register_for_checkpointing(sched)
 
     step, history, evals = 0, [], []
+    stats.reset()
     resume = args.resume
     if resume == "auto":
         resume = _latest_checkpoint(out)
     if resume:
         acc.load_state(str(resume))
-        step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
+        saved = json.loads((Path(resume) / "trainer_state.json").read_text())
+        step = saved["step"]
+        stats.COUNTS.update(saved.get("op_calls", {}))  # the op calls of the steps before it
         acc.print(f"resumed from {resume} at step {step}")
         history, evals = _earlier_metrics(out, step)
     world = acc.num_processes
     acc.print(f"world size {world} ({acc.distributed_type}), {len(train)} training rows of {args.seq_len} tokens, "
               f"attn={args.attn} {options if args.attn == 'fastattn' else ''}")
-    stats.reset()
 
     def evaluate():
         """Mean loss per row (rows have equal lengths: per token) over the first --eval-batches batches of the eval
-        set, whatever the number of processes (each reads every world-th batch); eval forwards are not counted."""
+        set, whatever the number of processes; eval forwards are not counted. accelerate deals the batches round
+        robin (process p reads global batches p, p + world, ...), and every process must join every gather: the
+        rows of a global batch past --eval-batches are gathered with weight 0 (2 processes had evaluated
+        ceil(n / 2) * 2 batches: another loss than 1 process's)."""
         model.eval()
-        losses, counts = [], stats.COUNTS.copy()
+        losses, weights, counts = [], [], stats.COUNTS.copy()
         with torch.no_grad():
             for i, batch in enumerate(eval_loader):
                 if i >= math.ceil(args.eval_batches / world):
                     break
                 ids = batch["input_ids"]
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                losses.append(acc.gather_for_metrics(loss.detach().expand(ids.shape[0])))  # one entry per row
+                counted = float(i * world + acc.process_index < args.eval_batches)
+                rows = loss.detach().expand(ids.shape[0]), torch.full((ids.shape[0],), counted, device=ids.device)
+                loss_rows, weight_rows = acc.gather_for_metrics(rows)  # one entry per row
+                losses.append(loss_rows)
+                weights.append(weight_rows)
         stats.COUNTS.clear()
         stats.COUNTS.update(counts)
         model.train()
-        return float(torch.cat(losses).mean()) if losses else float("nan")
+        if not losses:
+            return float("nan")
+        w = torch.cat(weights)
+        return float((torch.cat(losses) * w).sum() / w.sum())
 
     if args.eval_every and step == 0:
         evals.append({"step": 0, "eval_loss": evaluate()})
@@ -454,7 +466,7 @@ def run(args, fastattn_override: dict | None = None) -> dict:
             ckpt = out / f"checkpoint-{step}"
             acc.save_state(str(ckpt))
             if acc.is_main_process:
-                (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+                (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "op_calls": dict(stats.COUNTS)}))
     bar.close()
     if not evals or evals[-1]["step"] != step:
         evals.append({"step": step, "eval_loss": evaluate()})
@@ -462,7 +474,8 @@ def run(args, fastattn_override: dict | None = None) -> dict:
     metrics = {
         "world_size": world, "distributed_type": str(acc.distributed_type), "steps": step,
         "seconds": time.time() - t0, "train": history, "eval": evals,
-        "op_calls": dict(stats.COUNTS), "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "op_calls": dict(stats.COUNTS),  # this process's training calls (every process makes the same)
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
     }
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -86,17 +86,19 @@ def test_finetune_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [e["step"] for e in resumed["eval"]] == [0, 2, 3, 4]  # the cut run's last eval too
     for a, b in zip(full["train"], resumed["train"]):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and a["lr"] == pytest.approx(b["lr"])
+    # the op calls of all 4 steps, not of the 2 after the resume (they were 8 and 8)
+    assert resumed["op_calls"] == full["op_calls"] and full["op_calls"]["poly.backward"] == 4 * 4
 
 
 def test_finetune_two_cpu_processes(tmp_path):
     """Data parallel on 2 CPU processes: the schedule advances once per optimizer step (accelerate's prepared
     scheduler stepped once per process: lr 0 from step 3 on) and the step-0 eval loss, over the same first
-    --eval-batches batches of the eval set, equals the single-process one."""
+    --eval-batches batches of the eval set, equals the single-process one (3 batches: 2 processes had read 4)."""
     from hf_fastattn.finetune import lr_lambda, main
 
     args = ["--model", "embedded", "--steps", "4", "--warmup", "2", "--seq-len", "128", "--batch-size", "2",
             "--method", "poly", "--local-window", "16", "--chunk-size", "32", "--eval-every", "4", "--eval-batches",
-            "2", "--no-save-model", "--quiet"]
+            "3", "--no-save-model", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "scripts" / "finetune.py"), *args, "--output-dir", str(tmp_path / "two")]
