@@ -205,20 +205,24 @@ def test_gradient_checkpointing(pair):
 
 
 @pytest.mark.parametrize("family,method", [("llama", "exact"), ("gemma2", "exact"), ("llama", "poly"),
-                                           ("llama", "conv")])
+                                           ("llama", "conv"), ("gpt_oss", "exact"), ("gemma2", "poly")])
 def test_torch_compile(family, method):
-    """torch.compile(model): dynamo traces none of our code (the attention and mask functions are graph breaks;
-    traced, the guard's float statistics made a layer recompile on every call), the model around them compiles,
-    and logits and gradients equal eager."""
+    """torch.compile(model) in training: dynamo traces none of our code but the call of the attention op (traced,
+    the guard's float statistics made a layer recompile on every call), whose backward is an op too, so the only
+    graph break left is the mask function's (there was one more per layer, and transformers' resumed frames
+    recompiled per layer with a cache); the model around compiles, and logits and gradients equal eager."""
     from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="fastattn")
     hf_fastattn.configure(model, method=method, local_window=4, guard="off")
     x = _tokens(2, N, 10)
     w = torch.randn(2, N, 97, generator=torch.Generator().manual_seed(11))
-    valid = torch.ones(2, N, dtype=torch.bool)
-    ref = _loss_and_grads(model, w, valid, input_ids=x)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding (the mask travels into the op; gpt_oss: the sinks' gradient comes out of it)
+    valid = mask.bool()
+    ref = _loss_and_grads(model, w, valid, input_ids=x, attention_mask=mask)
     traced = []
 
     def backend(gm, example_inputs):
@@ -226,15 +230,22 @@ def test_torch_compile(family, method):
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, backend=backend)
     for _ in range(2):  # the second call reuses the compiled graphs
         model.zero_grad(set_to_none=True)
-        logits = compiled(input_ids=x).logits
+        logits = compiled(input_ids=x, attention_mask=mask).logits
         (logits * w)[valid].mean().backward()
+    breaks = dict(counters["graph_break"])
     torch._dynamo.reset()
+    assert not backend._GRAPHS  # every kept forward graph was used by its backward
     assert any("modeling_" in t for t in traced)  # the model itself was compiled
-    assert not [t for t in traced if "hf_fastattn" in t]
-    _assert_same(ref, (logits.detach(), _grads(model)))
+    # the innermost frame of every node of ours is the op's front: the call and the checks that chose it
+    ours = {[f for f in t.splitlines() if f.strip().startswith("File ")][-1].split(" in ")[-1]
+            for t in traced if "hf_fastattn" in t}
+    assert "fastattn_attention_forward" in ours and ours <= {"fastattn_attention_forward", "_op_takes"}, ours
+    assert breaks and all("fastattn_mask" in reason for reason in breaks), breaks  # the one kind of break left
+    _assert_same(ref, (logits.detach(), _grads(model)), valid)
 
 
 def _graph_breaks():
@@ -304,8 +315,14 @@ def test_compiled_inference_is_one_op_per_layer():
     q, k, v = (torch.randn(2, h, 9, 16, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
     valid = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     valid[0, ..., :2] = False
-    torch.library.opcheck(torch.ops.hf_fastattn.attention,
-                          (q, k, v, valid, backend._layer_key(attn), 0, False, 0.25, None, None, None, None))
+    args = (valid, backend._layer_key(attn), 0, False, 0.25, None, None, None, None)
+    torch.library.opcheck(torch.ops.hf_fastattn.attention, (q, k, v, *args, False))
+    # differentiated (training under torch.compile): the registered backward (an op of its own) included; not the
+    # AOT comparison of outputs, which differ by design in the second, the ticket of the kept autograd graph
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.hf_fastattn.attention, (*leaves, *args, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert not backend._GRAPHS  # a kept graph whose backward never ran goes with its ticket
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "phimoe", "gemma2", "mistral", "cohere2"])
