@@ -244,7 +244,10 @@ def test_torch_compile(family, method):
     ours = {[f for f in t.splitlines() if f.strip().startswith("File ")][-1].split(" in ")[-1]
             for t in traced if "hf_fastattn" in t}
     assert "fastattn_attention_forward" in ours and ours <= {"fastattn_attention_forward", "_op_takes"}, ours
-    assert breaks and all("fastattn_mask" in reason for reason in breaks), breaks  # the one kind of break left
+    # ours: the mask function's only (transformers 5.17's MoE experts break on their own in gpt_oss)
+    assert any("fastattn_mask" in r for r in breaks) and not any("_attention" in r for r in breaks), breaks
+    if family != "gpt_oss":
+        assert all("fastattn_mask" in reason for reason in breaks), breaks
     _assert_same(ref, (logits.detach(), _grads(model)), valid)
 
 
