@@ -560,7 +560,7 @@ def _op_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     if _CUDAGRAPH_UNSAFE is None or (dropout and dropout > 0):
         return False
     if _AUTOGRAD_ON is None and _differentiated(query, key, value, kwargs.get("s_aux")):
-        return False  # the backward op could not record its recomputation
+        return False  # the forward op could not record the graph its backward op runs
     if torch.is_autocast_enabled(query.device.type) or not isinstance(attention_mask, (torch.Tensor, type(None))):
         return False
     if kwargs.get("output_attentions") or kwargs.get("is_causal") is False:
